@@ -1,0 +1,126 @@
+"""Time each part of one CPEWS training step against a plain timm ViT classification step.
+
+Usage: python benchmarks/step_breakdown.py [--config synthetic_demo] [--set k=v ...] [--repeats 30]
+
+Prints the median time of: multi-scale CAM (no grad), gradient forward, PAR + pseudo label, losses,
+backward + optimizer step, the whole CPEWS step, and a plain classification step of the same backbone and batch
+(forward, multilabel soft-margin loss, backward, AdamW step), with the ratio of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cpews.cam import CamPair, multiscale_cams
+from cpews.config import load_config
+from cpews.model import build_model
+from cpews.training.step import StepContext, compute_losses, ism_term, seg_pseudo_labels
+from cpews.losses import classification_loss, segmentation_loss
+from cpews.training.trainer import build_optimizer
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="synthetic_demo")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--classes", type=int, default=6)
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    torch.manual_seed(0)
+    b, s, c = cfg.train.batch_size, cfg.data.crop_size, args.classes
+    images = torch.randn(b, 3, s, s)
+    labels = (torch.rand(b, c) < 0.3).float()
+    labels[:, 0] = 1
+    boxes = torch.tensor([[0, s, 0, s]] * b)
+    batch = {"image": images, "labels": labels, "box": boxes}
+    model = build_model(cfg, num_classes=c).train()
+    optimizer = build_optimizer(cfg, model)
+    it = max(cfg.loss.seg_warmup_iters, cfg.loss.ism_warmup_iters) + 1  # every term active
+
+    def cams():
+        with torch.no_grad():
+            return multiscale_cams(model.cam_logits, images, labels, cfg.cam.scales)
+
+    cam_pair = cams()
+
+    def forward():
+        return model(images)
+
+    output = forward()
+    ctx = StepContext(cfg, it, model, images, labels, boxes, output, CamPair(*cam_pair))
+
+    def par():
+        return seg_pseudo_labels(ctx)
+
+    seg_labels = par()
+
+    def losses():
+        out = model(images)
+        ctx_local = StepContext(cfg, it, model, images, labels, boxes, out, ctx.cams)
+        logits = F.interpolate(out.seg_logits, size=seg_labels.shape[-2:], mode="bilinear", align_corners=False)
+        return (classification_loss(out.logits, labels) + classification_loss(out.aux_logits, labels)
+                + ism_term(ctx_local) + segmentation_loss(logits, seg_labels))
+
+    def backward_step():
+        loss = losses()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def full_step():
+        result = compute_losses(model, batch, cfg, it)
+        optimizer.zero_grad()
+        result.total.backward()
+        optimizer.step()
+
+    import timm
+
+    plain = timm.create_model(cfg.model.backbone, num_classes=c, img_size=cfg.model.img_size, dynamic_img_size=True,
+                              **{k: v for k, v in dict(patch_size=cfg.model.patch_size, embed_dim=cfg.model.embed_dim,
+                                                       depth=cfg.model.depth, num_heads=cfg.model.num_heads).items() if v})
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+
+    def plain_step():
+        loss = F.multilabel_soft_margin_loss(plain(images), labels)
+        plain_opt.zero_grad()
+        loss.backward()
+        plain_opt.step()
+
+    r = args.repeats
+    t_cam, t_fwd, t_par = timed(cams, r), timed(forward, r), timed(par, r)
+    t_fwd_loss = timed(losses, r)
+    t_bwd = timed(backward_step, r) - t_fwd_loss
+    t_full, t_plain = timed(full_step, r), timed(plain_step, r)
+    print(f"config={args.config} batch={b} crop={s} threads={torch.get_num_threads()} repeats={r} (medians)")
+    rows = [
+        ("multi-scale CAM (no grad)", t_cam),
+        ("gradient forward", t_fwd),
+        ("PAR + refined pseudo label", t_par),
+        ("losses (forward incl.) - forward", t_fwd_loss - t_fwd),
+        ("backward + optimizer step", t_bwd),
+        ("whole CPEWS step", t_full),
+        ("plain timm ViT cls step", t_plain),
+    ]
+    for name, value in rows:
+        print(f"  {name:<34} {value * 1000:8.2f} ms")
+    print(f"  ratio CPEWS step / plain step      {t_full / t_plain:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

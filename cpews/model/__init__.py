@@ -1,0 +1,33 @@
+"""Model: timm ViT backbone with an intermediate token tap, classifiers, LargeFOV decoder."""
+
+from __future__ import annotations
+
+from cpews.config import TrainConfig
+from cpews.model.backbone import BackboneOutput, ViTBackbone
+from cpews.model.decoder import LargeFOVDecoder
+from cpews.model.network import POOL_KEYS, CpewsNet, CpewsOutput
+
+__all__ = ["BackboneOutput", "CpewsNet", "CpewsOutput", "LargeFOVDecoder", "POOL_KEYS", "ViTBackbone", "build_model"]
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> CpewsNet:
+    """Build the network from the config (the one place that maps cfg.model to kwargs)."""
+    m = cfg.model
+    backbone = ViTBackbone(
+        m.backbone,
+        ism_depth=m.ism_depth,
+        img_size=m.img_size,
+        weights=m.weights,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        freeze_pos_embed=m.freeze_pos_embed,
+    )
+    return CpewsNet(
+        backbone=backbone,
+        num_classes=num_classes,
+        num_prototypes=cfg.proto.num_prototypes,
+        decoder_channels=m.decoder_channels,
+        decoder_dilation=m.decoder_dilation,
+    )

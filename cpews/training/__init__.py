@@ -1,0 +1,33 @@
+"""Public training API: `train(cfg, reporter=None, out_dir=...) -> TrainResult`."""
+
+from __future__ import annotations
+
+from cpews.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from cpews.training.step import LossTerm, StepContext
+from cpews.training.trainer import (
+    NonFiniteLossError,
+    Reporter,
+    TrainHooks,
+    TrainResult,
+    TrainState,
+    build_optimizer,
+    select_device,
+    train,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "LossTerm",
+    "NonFiniteLossError",
+    "Reporter",
+    "StepContext",
+    "TrainHooks",
+    "TrainResult",
+    "TrainState",
+    "build_optimizer",
+    "load_checkpoint",
+    "save_checkpoint",
+    "select_device",
+    "train",
+]

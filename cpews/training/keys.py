@@ -1,0 +1,30 @@
+"""Metric keys `"<split>/<name>"`, defined once; orchestration imports them (e.g. for TuneConfig(metric=...))."""
+
+from __future__ import annotations
+
+TRAIN_LOSS = "train/loss"
+TRAIN_LOSS_CLS = "train/loss_cls"
+TRAIN_LOSS_ISM = "train/loss_ism"
+TRAIN_LOSS_SEG = "train/loss_seg"
+TRAIN_LOSS_PDL = "train/loss_pdl"
+TRAIN_LOSS_SSL = "train/loss_ssl"
+TRAIN_F1 = "train/f1"
+TRAIN_LR = "train/lr"
+TRAIN_STEPS_PER_SEC = "train/steps_per_sec"
+TRAIN_ITERATION = "train/iteration"
+
+VAL_MIOU_CAM = "val/miou_cam"
+VAL_MIOU_AUX_CAM = "val/miou_aux_cam"
+VAL_MIOU_PSEUDO = "val/miou_pseudo"
+VAL_MIOU_SEG = "val/miou_seg"
+VAL_MIOU = VAL_MIOU_SEG  # the headline validation score
+VAL_F1 = "val/f1"
+VAL_PSEUDO_IGNORED = "val/pseudo_ignored_fraction"
+VAL_CONFOUNDER_FALSE_ACTIVATION = "val/confounder_false_activation"
+VAL_CONFOUNDER_IMAGE_BIAS = "val/confounder_image_bias"
+VAL_CONFOUNDED_IOU = "val/confounded_class_iou"
+
+
+def loss_key(term: str) -> str:
+    """`train/loss_<term>` for a loss term name (`cls`, `ism`, `seg`, `pdl`, `ssl`, ...)."""
+    return f"train/loss_{term}"

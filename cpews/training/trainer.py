@@ -1,0 +1,249 @@
+"""The CPEWS training loop (method.md §8): iteration-based, with an injected reporter.
+
+`train(cfg, out_dir=...)` owns the model, the optimizer, autocast, validation and checkpoint files. Progress
+leaves through `reporter(metrics, checkpoint_dir)`, so a sweep can receive metrics without this module
+importing anything from the orchestration layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+
+from cpews.config import TrainConfig, config_to_yaml
+from cpews.evaluation.evaluate import EvalResult, evaluate
+from cpews.model import CpewsNet, build_model
+from cpews.metrics import multilabel_f1
+from cpews.training import keys
+from cpews.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from cpews.training.data import class_names, eval_dataset, infinite_batches, resolve_data_root, train_loader
+from cpews.training.optim import PolyWarmupAdamW, parameter_groups
+from cpews.training.step import LossTerm, compute_losses
+
+
+class Reporter(Protocol):
+    def __call__(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class TrainResult(NamedTuple):
+    checkpoint: Path  # out_dir / "last.pt"
+    iterations: int  # optimizer steps taken in total
+    metrics: dict[str, float]  # the last validation metrics (val/...)
+    wall_time: float  # seconds spent in this call
+
+
+class TrainHooks(NamedTuple):
+    """Extension points for the prototype module: extra loss terms and calls after optimizer steps."""
+
+    extra_terms: Sequence[LossTerm] = ()
+    after_step: Sequence[Callable[["TrainState"], None]] = ()
+
+
+class TrainState(NamedTuple):
+    cfg: TrainConfig
+    model: CpewsNet
+    iteration: int  # optimizer steps taken so far
+    data_root: Path
+    train_ids: Sequence[str] | None
+    out_dir: Path
+
+
+def print_reporter(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    """Default reporter: validation lines to stdout (train lines are printed by the progress display)."""
+    if any(k.startswith("val/") for k in metrics):
+        text = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+        print(f"[val] it={int(metrics.get(keys.TRAIN_ITERATION, 0))}  {text}", flush=True)
+
+
+def validation_metrics(result: EvalResult) -> dict[str, float]:
+    """The `val/...` keys the trainer reports (see `cpews.training.keys`)."""
+    m = result.metrics
+    out = {
+        keys.VAL_MIOU_CAM: m["miou_cam"],
+        keys.VAL_MIOU_AUX_CAM: m["miou_aux_cam"],
+        keys.VAL_MIOU_PSEUDO: m["miou_pseudo"],
+        keys.VAL_MIOU_SEG: m["miou_seg"],
+        keys.VAL_PSEUDO_IGNORED: m["pseudo_ignored_fraction"],
+    }
+    if "f1" in m:
+        out[keys.VAL_F1] = m["f1"]
+    if "confounder_false_activation" in m:
+        out[keys.VAL_CONFOUNDER_FALSE_ACTIVATION] = m["confounder_false_activation"]
+    if "confounder_image_bias" in m:
+        out[keys.VAL_CONFOUNDER_IMAGE_BIAS] = m["confounder_image_bias"]
+    if "confounded_class_iou_cam" in m:
+        out[keys.VAL_CONFOUNDED_IOU] = m["confounded_class_iou_cam"]
+    return out
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if cfg.train.amp == "bf16" and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def build_optimizer(cfg: TrainConfig, model: CpewsNet) -> PolyWarmupAdamW:
+    o = cfg.optim
+    return PolyWarmupAdamW(
+        parameter_groups(model, lr=o.lr, head_lr_mult=o.head_lr_mult),
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        warmup_iters=o.warmup_iters,
+        warmup_ratio=o.warmup_ratio,
+        max_iters=o.max_iters,
+        power=o.power,
+    )
+
+
+class _Progress:
+    """A one-line progress display on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+
+    def update(self, it: int, text: str) -> None:
+        if self.enabled:
+            done = int(30 * it / max(1, self.total))
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {it}/{self.total} {text}\033[K")
+            sys.stderr.flush()
+        else:
+            print(f"[train] it={it}/{self.total} {text}", flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def train(
+    cfg: TrainConfig,
+    reporter: Reporter | None = None,
+    *,
+    out_dir: str | Path,
+    resume: str | Path | None = None,
+    train_ids: Sequence[str] | None = None,
+    val_ids: Sequence[str] | None = None,
+    val_split: str | None = None,
+    hooks: TrainHooks = TrainHooks(),
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train CPEWS for `cfg.optim.max_iters` optimizer steps.
+
+    Args:
+        out_dir: receives `config.yaml`, `last.pt` and periodic `iter_XXXXXXX.pt` checkpoints.
+        resume: a checkpoint to continue from (model, optimizer, schedule position and RNG state).
+        train_ids / val_ids: subsets of the train / validation split (cross-validation folds).
+        val_split: the split validated on (default `cfg.data.val_split`).
+        progress: force the progress bar on or off (default: on when stderr is a terminal).
+    """
+    started = time.perf_counter()
+    reporter = reporter or print_reporter
+    out_dir = Path(out_dir)
+    device = select_device(cfg.train.device)
+    data_root = resolve_data_root(cfg)
+    names = class_names(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, num_classes=len(names) - 1).to(device)
+    optimizer = build_optimizer(cfg, model)
+    start_iter = 0
+    if resume:
+        checkpoint = load_checkpoint(resume)
+        model.load_state_dict(checkpoint.model)
+        if checkpoint.optimizer is not None:
+            optimizer.load_state_dict(checkpoint.optimizer)
+        start_iter = checkpoint.iteration
+        set_rng_state(checkpoint.rng)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    loader_generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + start_iter)
+    loader = train_loader(cfg, data_root, ids=train_ids, generator=loader_generator)
+    val_data = eval_dataset(cfg, data_root, split=val_split, ids=val_ids, resize=None)
+    autocast = autocast_factory(cfg, device)
+    state_args = dict(cfg=cfg, model=model, data_root=data_root, train_ids=train_ids, out_dir=out_dir)
+    max_iters = cfg.optim.max_iters
+    display = _Progress(max_iters, sys.stderr.isatty() if progress is None else progress)
+    last_val: dict[str, float] = {}
+    window: dict[str, list[torch.Tensor]] = {}
+    f1_logits: list[torch.Tensor] = []
+    f1_labels: list[torch.Tensor] = []
+    window_start, window_iters = time.perf_counter(), 0
+    model.train()
+
+    def validate_and_save(it: int, final: bool) -> None:
+        nonlocal last_val
+        result = evaluate(
+            model, val_data, cfg, class_names=names, device=device,
+            max_images=cfg.eval.max_images, data_root=data_root,
+        )
+        last_val = validation_metrics(result)
+        ckpt = save_checkpoint(
+            out_dir / "last.pt", cfg=cfg, iteration=it, model=model, optimizer=optimizer,
+            class_names=names, metrics=last_val,
+        )
+        if not final and cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0:
+            (out_dir / f"iter_{it:07d}.pt").write_bytes(ckpt.read_bytes())
+        reporter({**last_val, keys.TRAIN_ITERATION: float(it)}, out_dir)
+
+    for it, batch in zip(range(start_iter, max_iters), infinite_batches(loader)):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        losses = compute_losses(model, batch, cfg, it, extra_terms=hooks.extra_terms, autocast=autocast)
+        check_now = (it + 1) % max(1, cfg.train.check_finite_every) == 0 or it == start_iter
+        if check_now and not torch.isfinite(losses.total):
+            values = {name: float(value) for name, value in losses.terms.items()}
+            raise NonFiniteLossError(f"non-finite loss at iteration {it}: total={float(losses.total)} terms={values}")
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        optimizer.step()
+        for name, value in {**losses.terms, "total": losses.total}.items():
+            window.setdefault(name, []).append(value.detach())  # synced only when logged
+        f1_logits.append(losses.output.logits.detach().float())
+        f1_labels.append(batch["labels"])
+        window_iters += 1
+        step_count = it + 1
+        for hook in hooks.after_step:
+            hook(TrainState(iteration=step_count, **state_args))
+        if step_count % cfg.train.log_every == 0 or step_count == max_iters:
+            elapsed = time.perf_counter() - window_start
+            means = {n: float(torch.stack(v).float().mean()) for n, v in window.items()}
+            metrics = {keys.loss_key(n): v for n, v in means.items() if n != "total"}
+            metrics[keys.TRAIN_LOSS] = means["total"]
+            metrics[keys.TRAIN_F1] = multilabel_f1(torch.cat(f1_logits), torch.cat(f1_labels))
+            metrics[keys.TRAIN_LR] = optimizer.param_groups[0]["lr"]
+            metrics[keys.TRAIN_STEPS_PER_SEC] = window_iters / elapsed if elapsed > 0 else math.inf
+            metrics[keys.TRAIN_ITERATION] = float(step_count)
+            if not math.isfinite(metrics[keys.TRAIN_LOSS]):
+                raise NonFiniteLossError(f"non-finite loss at iteration {it}: {metrics}")
+            display.update(step_count, f"loss={metrics[keys.TRAIN_LOSS]:.4f} f1={metrics[keys.TRAIN_F1]:.3f} "
+                           f"{metrics[keys.TRAIN_STEPS_PER_SEC]:.1f} it/s")
+            reporter(metrics, None)
+            window, f1_logits, f1_labels = {}, [], []
+            window_start, window_iters = time.perf_counter(), 0
+        if cfg.eval.every and step_count % cfg.eval.every == 0 and step_count != max_iters:
+            validate_and_save(step_count, final=False)
+    display.close()
+    final_iter = max(start_iter, max_iters)
+    validate_and_save(final_iter, final=True)
+    (out_dir / "metrics.json").write_text(json.dumps(last_val, indent=2, sort_keys=True))
+    return TrainResult(out_dir / "last.pt", final_iter, last_val, time.perf_counter() - started)

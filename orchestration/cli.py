@@ -1,0 +1,206 @@
+"""The `cpews` command line (also `python -m cpews`): parse arguments, load the config, make one call.
+
+Heavy imports (torch, the trainer, Ray, MLflow) happen inside the command that needs them, so that
+`cpews --help` and `cpews config show` answer quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_PRESET = "synthetic_demo"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML config file or preset name (default: {DEFAULT_PRESET}; presets live in cpews/presets)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set loss.ism_weight=0.3 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from cpews.config import load_config
+
+    return load_config(args.config or DEFAULT_PRESET, args.overrides)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    flat = cfg.to_flat_dict()
+    if args.json:
+        print(json.dumps(flat, indent=2))
+    else:
+        width = max(map(len, flat))
+        for key, value in flat.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from cpews.data import generate_synthetic_dataset
+
+    path = generate_synthetic_dataset(
+        args.out,
+        seed=args.seed,
+        image_size=args.image_size,
+        n_train=args.train,
+        n_val=args.val,
+        confounder_strength=args.confounder_strength,
+    )
+    print(f"synthetic dataset written to {path}")
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from cpews.data import validate_dataset
+
+    validate_dataset(args.root, args.dataset, args.splits, check_images=True if args.all else args.max_images)
+    print(f"{args.root}: {args.dataset} layout OK for splits {', '.join(args.splits)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cpews.training import train
+
+    cfg = _load(args)
+    out = Path(args.out)
+    print(f"training {cfg.model.backbone} on {cfg.data.dataset} for {cfg.optim.max_iters} iterations -> {out}")
+    result = train(cfg, out_dir=out, resume=args.resume)
+    print(f"done in {result.wall_time:.1f}s: checkpoint {result.checkpoint}")
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key} = {value:.4f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from cpews.evaluation import evaluate, load_model
+    from cpews.training.data import eval_dataset, resolve_data_root
+    from cpews.training.trainer import select_device
+
+    device = select_device(args.device)
+    loaded = load_model(args.checkpoint, device)
+    cfg = loaded.cfg
+    if args.data_root:
+        from cpews.config import TrainConfig
+
+        cfg = TrainConfig.from_flat_dict({"data.root": args.data_root}, base=cfg)
+    root = resolve_data_root(cfg)
+    dataset = eval_dataset(cfg, root, split=args.split)
+    with torch.no_grad():
+        result = evaluate(
+            loaded.model, dataset, cfg, class_names=loaded.class_names, device=device,
+            max_images=args.max_images, final_protocol=True, crf=args.crf, data_root=root,
+        )
+    if args.json:
+        print(json.dumps({**result.metrics, "split": args.split or cfg.data.val_split,
+                          "checkpoint": str(args.checkpoint), "per_class": result.per_class}))
+        return 0
+    print(f"{args.checkpoint} on {cfg.data.dataset}/{args.split or cfg.data.val_split} ({int(result.metrics['images'])} images)")
+    for key, value in result.metrics.items():
+        if key != "images":
+            print(f"  {key:<36} {value:.4f}")
+    columns = [c for c in ("cam", "aux_cam", "pseudo", "seg", "seg_crf") if c in result.per_class[0]]
+    print(f"  {'class':<16}" + "".join(f"{c:>10}" for c in columns))
+    for row in result.per_class:
+        cells = "".join(f"{'-' if row[c] is None else format(row[c], '.3f'):>10}" for c in columns)
+        print(f"  {row['class']:<16}{cells}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from cpews.evaluation import infer_files, load_model
+    from cpews.training.trainer import select_device
+
+    loaded = load_model(args.checkpoint, select_device(args.device))
+    written = infer_files(loaded, args.images, args.out, crf=args.crf)
+    for label_path, overlay_path in written:
+        print(f"{label_path}  {overlay_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpews", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="print the resolved flat config")
+    _add_config_args(show)
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=cmd_config_show)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synthetic", help="generate the synthetic WSSS dataset (VOC layout)")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--train", type=int, default=2000, help="number of train_aug images")
+    synth.add_argument("--val", type=int, default=300, help="number of val images")
+    synth.add_argument("--confounder-strength", type=float, default=0.9,
+                       help="probability that a boat image has the water band")
+    synth.set_defaults(func=cmd_data_synthetic)
+    validate = data.add_parser("validate", help="check a dataset folder before training")
+    validate.add_argument("--root", required=True)
+    validate.add_argument("--dataset", choices=["voc", "coco", "synthetic"], required=True)
+    validate.add_argument("--splits", nargs="+", default=["train_aug", "val"])
+    validate.add_argument("--max-images", type=int, default=64, help="images opened per split")
+    validate.add_argument("--all", action="store_true", help="open every image")
+    validate.set_defaults(func=cmd_data_validate)
+
+    tr = sub.add_parser("train", help="train one configuration")
+    _add_config_args(tr)
+    tr.add_argument("--out", default="runs/train", help="output folder (checkpoints, config copy)")
+    tr.add_argument("--resume", default=None, help="checkpoint to resume from")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (mIoU of CAM, aux CAM, pseudo label, segmentation)")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--split", default=None, help="split to score (default: the config's val split)")
+    ev.add_argument("--data-root", default=None, help="dataset folder (default: the one in the checkpoint)")
+    ev.add_argument("--crf", action="store_true", help="also score the segmentation after dense CRF")
+    ev.add_argument("--max-images", type=int, default=0, help="score only the first N images")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+
+    inf = sub.add_parser("infer", help="segment images: label PNGs and colour overlays")
+    inf.add_argument("--checkpoint", required=True)
+    inf.add_argument("images", nargs="+")
+    inf.add_argument("--out", required=True)
+    inf.add_argument("--crf", action="store_true")
+    inf.add_argument("--device", default="auto")
+    inf.set_defaults(func=cmd_infer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cpews.config import ConfigError
+
+    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+    try:
+        return int(args.func(args) or 0)
+    except expected as exc:
+        print(f"cpews: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cpews: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cpews.refine import (
+    images_for_par,
+    par_affinity,
+    par_kernel_offsets,
+    par_refine,
+    refine_pseudo_labels,
+)
+
+DILATIONS = (1, 2, 4, 8, 12, 24)
+
+
+def _afa_reference(images: torch.Tensor, scores: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Straightforward re-derivation of §4.1 (explicit 48-neighbour stack with F.pad replicate)."""
+    offsets = par_kernel_offsets(DILATIONS).tolist()
+    scores = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=True)
+    height, width = images.shape[-2:]
+
+    def neighbours(x):
+        padded = F.pad(x, [24] * 4, mode="replicate")
+        return torch.stack(
+            [padded[..., 24 + r : 24 + r + height, 24 + c : 24 + c + width] for r, c in offsets], 2
+        )
+
+    nb = neighbours(images)  # (B, 3, 48, h, w)
+    sigma = nb.std(dim=2, keepdim=True)
+    colour = -(((nb - images[:, :, None]).abs() / (sigma + 1e-8) / 0.3) ** 2).mean(1)
+    rho = torch.tensor([math.hypot(r, c) for r, c in offsets])
+    pos = -((rho / (rho.std() + 1e-8) / 0.3) ** 2)
+    aff = colour.softmax(1) + 0.01 * pos.softmax(0)[None, :, None, None]
+    for _ in range(iters):
+        scores = (neighbours(scores) * aff[:, None]).sum(2)
+    return scores
+
+
+def test_kernel_offsets():
+    offsets = par_kernel_offsets(DILATIONS)
+    assert offsets.shape == (48, 2)
+    assert offsets[:8].tolist() == [[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1, 0], [1, 1]]
+    assert offsets[-1].tolist() == [24, 24]
+    assert not torch.any((offsets == 0).all(1))  # the centre is never a neighbour
+
+
+def test_affinity_rows_sum_to_1_01_and_shape():
+    images = torch.rand(2, 3, 16, 20)
+    aff = par_affinity(images)
+    assert aff.shape == (2, 48, 16, 20)
+    torch.testing.assert_close(aff.sum(1), torch.full((2, 16, 20), 1.01))
+    assert torch.all(aff > 0)
+
+
+def test_par_refine_matches_reference():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 30, 26)
+    scores = torch.rand(2, 4, 15, 13)  # smaller -> resized with align_corners=True
+    torch.testing.assert_close(
+        par_refine(images, scores), _afa_reference(images, scores), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_par_tiny_images_with_dilation_24(size):
+    images = torch.rand(1, 3, size, size)
+    scores = torch.rand(1, 3, size, size)
+    out = par_refine(images, scores)
+    assert out.shape == (1, 3, size, size)
+    assert torch.isfinite(out).all()
+
+
+def test_par_constant_scores_keep_argmax_and_shape():
+    images = torch.rand(2, 3, 24, 24)
+    scores = torch.tensor([0.2, 0.5, 0.3]).view(1, 3, 1, 1).expand(2, 3, 24, 24).contiguous()
+    out = par_refine(images, scores)
+    assert out.shape == scores.shape
+    assert torch.all(out.argmax(1) == 1)
+    # the uniform gain 1.01 per iteration, no renormalisation
+    torch.testing.assert_close(out, scores * 1.01**10)
+
+
+def test_par_is_edge_aware():
+    # left half black, right half white; a score spike at one pixel of the left half
+    images = torch.zeros(1, 3, 32, 32)
+    images[..., 16:] = 1.0
+    scores = torch.zeros(1, 1, 32, 32)
+    scores[0, 0, 16, 12] = 1.0
+    out = par_refine(images, scores, iters=3)[0, 0]
+    same_region = out[16, 8]  # 4 px away, same colour
+    across_edge = out[16, 16]  # 4 px away, across the colour edge
+    assert same_region > 10 * across_edge
+
+
+def test_par_refine_keeps_grads_off():
+    images = torch.rand(1, 3, 8, 8)
+    scores = torch.rand(1, 2, 8, 8, requires_grad=True)
+    assert not par_refine(images, scores).requires_grad
+
+
+def test_par_timing_cpu():
+    images = torch.rand(4, 3, 112, 112)
+    scores = torch.rand(4, 21, 112, 112)
+    start = time.perf_counter()
+    par_refine(images, scores)
+    assert time.perf_counter() - start < 3.0  # ~0.2 s measured on 2 cores
+
+
+def test_images_for_par_denormalises_truncates_and_downsamples():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rgb = torch.randint(0, 256, (2, 3, 8, 12)).float()
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    normalized = (rgb / 255 - mean_t) / std_t + 1e-4  # slightly above: truncation keeps the integer
+    full = images_for_par(normalized, mean, std, downscale=1)
+    torch.testing.assert_close(full, rgb / 255)
+    # hand value: 200.7 truncates to 200
+    one = torch.full((1, 3, 2, 2), 200.7 / 255)
+    one = (one - mean_t) / std_t
+    assert torch.allclose(images_for_par(one, mean, std, downscale=1), torch.full((1, 3, 2, 2), 200 / 255))
+    half = images_for_par(normalized, mean, std)
+    assert half.shape == (2, 3, 4, 6)
+    expected = F.interpolate(rgb / 255, size=(4, 6), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(half, expected)
+
+
+def _toco_loop_reference(cams, labels, par_images, boxes, high=0.7, low=0.25, iters=10):
+    """Per-image loop over the present channels, as in ToCo's refine_cams_with_bkg_v2 (§4.3)."""
+    batch, _, height, width = cams.shape
+    out = torch.full((batch, height, width), 255, dtype=torch.long)
+    for b in range(batch):
+        keys = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(labels[b])[:, 0] + 1])
+        results = []
+        for bkg in (high, low):
+            stack = torch.cat([torch.full((1, 1, height, width), bkg), cams[b : b + 1]], 1)
+            stack = F.interpolate(stack, size=(height // 2, width // 2), mode="bilinear", align_corners=False)
+            probs = stack[:, keys].softmax(1)
+            refined = par_refine(par_images[b : b + 1], probs, iters=iters)
+            refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
+            results.append(keys[refined.argmax(1)][0])
+        hi, lo = results
+        label = hi.clone()
+        label[hi == 0] = 255
+        label[(hi == 0) & (lo == 0)] = 0
+        r0, r1, c0, c1 = boxes[b].tolist()
+        out[b, r0:r1, c0:c1] = label[r0:r1, c0:c1]
+    return out
+
+
+def test_refine_pseudo_labels_matches_per_image_loop():
+    torch.manual_seed(5)
+    cams = torch.rand(3, 4, 32, 40) ** 2
+    labels = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    cams = cams * labels[:, :, None, None]
+    par_images = torch.rand(3, 3, 16, 20)
+    boxes = torch.tensor([[0, 32, 0, 40], [4, 20, 8, 30], [10, 32, 0, 25]])
+    out = refine_pseudo_labels(cams, labels, par_images, boxes)
+    assert out.dtype == torch.int64 and out.shape == (3, 32, 40)
+    assert torch.equal(out, _toco_loop_reference(cams, labels, par_images, boxes))
+
+
+def test_refine_pseudo_labels_values_no_positive_and_box():
+    torch.manual_seed(6)
+    labels = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0]])
+    cams = torch.rand(2, 4, 16, 16) * labels[:, :, None, None]
+    cams[0, 1, :8] = 0.95  # a confident region of label 2
+    par_images = torch.rand(2, 3, 8, 8)
+    boxes = torch.tensor([[0, 16, 0, 12], [2, 14, 3, 16]])
+    out = refine_pseudo_labels(cams, labels, par_images, boxes)
+    assert set(out[0].unique().tolist()) <= {0, 2, 4, 255}
+    assert (out[0] == 2).any()
+    assert torch.all(out[0, :, 12:] == 255)
+    # no positive class: every in-box pixel is background, the rest ignore
+    assert torch.all(out[1, 2:14, 3:16] == 0)
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[2:14, 3:16] = False
+    assert torch.all(out[1][outside] == 255)
+    # no box -> whole image
+    whole = refine_pseudo_labels(cams, labels, par_images, None)
+    assert torch.all(whole[1] == 0)
