@@ -272,6 +272,11 @@ def coerce_value(key: str, annotation: Any, value: Any, source: str = "config") 
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}={value!r} must be a number")
     if annotation is str:
         if isinstance(value, str):

@@ -42,7 +42,7 @@ def dense_crf(
     num_labels, height, width = probs.shape
     if image.shape != (height, width, 3):
         raise ValueError(f"image shape {image.shape} does not match probs {probs.shape}; expected (H, W, 3)")
-    rgb = np.ascontiguousarray(image, dtype=np.uint8)
+    rgb = np.array(image, dtype=np.uint8, order="C", copy=True)  # pydensecrf needs a writable buffer
     unary = -np.log(np.clip(probs, min_prob, 1.0)).astype(np.float32)
     unary = np.ascontiguousarray(unary.reshape(num_labels, height * width))
 

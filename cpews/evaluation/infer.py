@@ -95,7 +95,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8, with an error that names the file."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))  # a writable copy (pydensecrf needs one)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from cpews.config import TrainConfig
 from cpews.data import EvalDataset, TrainDataset, class_table, ensure_synthetic_dataset, validate_dataset
@@ -50,9 +50,42 @@ def resolve_data_root(cfg: TrainConfig, *, validate: bool = True) -> Path:
     return root
 
 
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless shuffled batches (drop last, reshuffle each epoch) that can start at any batch number.
+
+    Epoch `e` is a permutation seeded by `(seed, e)`, and every item carries its own augmentation seed
+    drawn from the same generator, so batch number `k` is the same whether the run started at 0 or resumed
+    at `k`, and whatever the number of loader workers.
+
+    Yields: lists of `(index, augmentation_seed)` of length `batch_size`.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, seed: int, start_batch: int = 0) -> None:
+        if num_items < batch_size:
+            raise ValueError(f"train.batch_size={batch_size} is larger than the training set ({num_items} images)")
+        self.num_items, self.batch_size, self.seed, self.start_batch = num_items, batch_size, seed, start_batch
+        self.batches_per_epoch = num_items // batch_size
+
+    def epoch_items(self, epoch: int) -> tuple[list[int], list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        draws = torch.randint(0, 2**31 - 1, (self.num_items,), generator=generator).tolist()
+        return order, draws
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            order, draws = self.epoch_items(epoch)
+            for b in range(offset, self.batches_per_epoch):
+                chunk = range(b * self.batch_size, (b + 1) * self.batch_size)
+                yield [(order[i], draws[order[i]]) for i in chunk]
+            epoch, offset = epoch + 1, 0
+
+
 def train_loader(
-    cfg: TrainConfig, root: Path, *, ids: Sequence[str] | None = None, generator: torch.Generator | None = None
+    cfg: TrainConfig, root: Path, *, ids: Sequence[str] | None = None, start_batch: int = 0
 ) -> DataLoader:
+    """An endless loader of augmented batches (§8.5) that starts at batch number `start_batch`."""
     d = cfg.data
     dataset = TrainDataset(
         root,
@@ -67,18 +100,11 @@ def train_loader(
         ids=ids,
         seed=cfg.train.seed,
     )
-    if len(dataset) < cfg.train.batch_size:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is larger than the training set ({len(dataset)} images)"
-        )
+    sampler = ResumableBatchSampler(len(dataset), cfg.train.batch_size, seed=cfg.train.seed, start_batch=start_batch)
     return DataLoader(
         dataset,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        drop_last=True,
+        batch_sampler=sampler,
         num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0,
-        generator=generator,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -88,12 +114,6 @@ def eval_dataset(
 ) -> EvalDataset:
     d = cfg.data
     return EvalDataset(root, d.dataset, split or d.val_split, mean=d.norm_mean, std=d.norm_std, ids=ids, resize=resize)
-
-
-def infinite_batches(loader: DataLoader) -> Iterator[dict]:
-    """Restart the loader whenever it is exhausted (§8.5)."""
-    while True:
-        yield from loader
 
 
 def class_names(cfg: TrainConfig) -> list[str]:

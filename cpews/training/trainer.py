@@ -24,7 +24,7 @@ from cpews.model import CpewsNet, build_model
 from cpews.metrics import multilabel_f1
 from cpews.training import keys
 from cpews.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from cpews.training.data import class_names, eval_dataset, infinite_batches, resolve_data_root, train_loader
+from cpews.training.data import class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.optim import PolyWarmupAdamW, parameter_groups
 from cpews.training.step import LossTerm, compute_losses
 
@@ -86,6 +86,26 @@ def validation_metrics(result: EvalResult) -> dict[str, float]:
     if "confounded_class_iou_cam" in m:
         out[keys.VAL_CONFOUNDED_IOU] = m["confounded_class_iou_cam"]
     return out
+
+
+def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, optimizer: PolyWarmupAdamW) -> int:
+    """Load model, optimizer, schedule position and RNG state; returns the iteration to continue from.
+
+    Raises:
+        ValueError: the checkpoint's model settings differ from `cfg` (a resume must keep the architecture).
+    """
+    checkpoint = load_checkpoint(path)
+    saved, wanted = checkpoint.cfg.to_flat_dict(), cfg.to_flat_dict()
+    architecture = [k for k in wanted if k.startswith("model.") and k != "model.weights" and saved[k] != wanted[k]]
+    architecture += [k for k in ("proto.num_prototypes",) if saved[k] != wanted[k]]
+    if architecture:
+        changes = ", ".join(f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in architecture)
+        raise ValueError(f"cannot resume from {str(path)!r}: the model differs from the checkpoint's ({changes})")
+    model.load_state_dict(checkpoint.model)
+    if checkpoint.optimizer is not None:
+        optimizer.load_state_dict(checkpoint.optimizer)
+    set_rng_state(checkpoint.rng)
+    return checkpoint.iteration
 
 
 def select_device(name: str) -> torch.device:
@@ -169,17 +189,11 @@ def train(
     optimizer = build_optimizer(cfg, model)
     start_iter = 0
     if resume:
-        checkpoint = load_checkpoint(resume)
-        model.load_state_dict(checkpoint.model)
-        if checkpoint.optimizer is not None:
-            optimizer.load_state_dict(checkpoint.optimizer)
-        start_iter = checkpoint.iteration
-        set_rng_state(checkpoint.rng)
+        start_iter = restore_checkpoint(resume, cfg, model, optimizer)
+    loader = train_loader(cfg, data_root, ids=train_ids, start_batch=start_iter)
+    val_data = eval_dataset(cfg, data_root, split=val_split, ids=val_ids, resize=None)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    loader_generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + start_iter)
-    loader = train_loader(cfg, data_root, ids=train_ids, generator=loader_generator)
-    val_data = eval_dataset(cfg, data_root, split=val_split, ids=val_ids, resize=None)
     autocast = autocast_factory(cfg, device)
     state_args = dict(cfg=cfg, model=model, data_root=data_root, train_ids=train_ids, out_dir=out_dir)
     max_iters = cfg.optim.max_iters
@@ -191,28 +205,29 @@ def train(
     window_start, window_iters = time.perf_counter(), 0
     model.train()
 
-    def validate_and_save(it: int, final: bool) -> None:
+    def save(it: int) -> Path:
+        return save_checkpoint(
+            out_dir / "last.pt", cfg=cfg, iteration=it, model=model, optimizer=optimizer,
+            class_names=names, metrics=last_val,
+        )
+
+    def validate(it: int) -> None:
         nonlocal last_val
         result = evaluate(
             model, val_data, cfg, class_names=names, device=device,
             max_images=cfg.eval.max_images, data_root=data_root,
         )
         last_val = validation_metrics(result)
-        ckpt = save_checkpoint(
-            out_dir / "last.pt", cfg=cfg, iteration=it, model=model, optimizer=optimizer,
-            class_names=names, metrics=last_val,
-        )
-        if not final and cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0:
-            (out_dir / f"iter_{it:07d}.pt").write_bytes(ckpt.read_bytes())
-        reporter({**last_val, keys.TRAIN_ITERATION: float(it)}, out_dir)
 
-    for it, batch in zip(range(start_iter, max_iters), infinite_batches(loader)):
+    for it, batch in zip(range(start_iter, max_iters), loader):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         losses = compute_losses(model, batch, cfg, it, extra_terms=hooks.extra_terms, autocast=autocast)
         check_now = (it + 1) % max(1, cfg.train.check_finite_every) == 0 or it == start_iter
         if check_now and not torch.isfinite(losses.total):
-            values = {name: float(value) for name, value in losses.terms.items()}
-            raise NonFiniteLossError(f"non-finite loss at iteration {it}: total={float(losses.total)} terms={values}")
+            values = {name: float(value.detach()) for name, value in losses.terms.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {it}: total={float(losses.total.detach())} terms={values}"
+            )
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         optimizer.step()
@@ -240,10 +255,23 @@ def train(
             reporter(metrics, None)
             window, f1_logits, f1_labels = {}, [], []
             window_start, window_iters = time.perf_counter(), 0
-        if cfg.eval.every and step_count % cfg.eval.every == 0 and step_count != max_iters:
-            validate_and_save(step_count, final=False)
+        final = step_count == max_iters
+        validate_now = final or (cfg.eval.every and step_count % cfg.eval.every == 0)
+        periodic = bool(cfg.train.checkpoint_every) and step_count % cfg.train.checkpoint_every == 0
+        if validate_now:
+            validate(step_count)
+        if validate_now or periodic:
+            last = save(step_count)
+            if periodic and not final:
+                (out_dir / f"iter_{step_count:07d}.pt").write_bytes(last.read_bytes())
+            reported = {**last_val, keys.TRAIN_ITERATION: float(step_count)} if validate_now else {
+                keys.TRAIN_ITERATION: float(step_count)}
+            reporter(reported, out_dir)
     display.close()
     final_iter = max(start_iter, max_iters)
-    validate_and_save(final_iter, final=True)
+    if start_iter >= max_iters:  # nothing left to train: score the checkpoint as it is
+        validate(final_iter)
+        save(final_iter)
+        reporter({**last_val, keys.TRAIN_ITERATION: float(final_iter)}, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(last_val, indent=2, sort_keys=True))
     return TrainResult(out_dir / "last.pt", final_iter, last_val, time.perf_counter() - started)

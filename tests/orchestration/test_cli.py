@@ -1,0 +1,237 @@
+"""The `cpews` command line end to end (`python -m cpews ...` in a subprocess), on the micro preset.
+
+Every subprocess inherits `CPEWS_DATA_DIR` from the session fixture, so training and evaluation read the
+session's synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpews.data import SYNTHETIC_CLASSES
+
+MICRO = ("--set", "data.synthetic_train=32", "--set", "data.synthetic_val=8", "--set", "train.device=cpu")
+MIOU_KEYS = ("miou_cam", "miou_aux_cam", "miou_pseudo", "miou_seg")
+
+
+def cpews(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cpews", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("cpews: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def cli_run(synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cpews train --config test_micro --out DIR` (6 iterations); returns DIR."""
+    work = tmp_path_factory.mktemp("cli")
+    out = work / "run"
+    proc = cpews("train", "--config", "test_micro", *MICRO, "--out", out, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint {out / 'last.pt'}" in proc.stdout
+    assert "val/miou_seg = " in proc.stdout
+    return out
+
+
+def test_train_writes_the_run_folder(cli_run: Path):
+    assert {"config.yaml", "last.pt", "metrics.json"} <= {p.name for p in cli_run.iterdir()}
+    metrics = json.loads((cli_run / "metrics.json").read_text())
+    assert all(0.0 <= metrics[f"val/{k}"] <= 1.0 for k in MIOU_KEYS)
+
+
+def test_eval_json_prints_one_object(cli_run: Path, tmp_path: Path):
+    proc = cpews("eval", "--checkpoint", cli_run / "last.pt", "--device", "cpu", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    result = json.loads(lines[0])
+    for key in MIOU_KEYS:
+        assert 0.0 <= result[key] <= 1.0, key
+    assert "miou_seg_crf" not in result
+    assert result["images"] == 8 and result["split"] == "val"
+    assert result["checkpoint"] == str(cli_run / "last.pt")
+    assert [row["class"] for row in result["per_class"]] == list(SYNTHETIC_CLASSES)
+    # CAMs and pseudo labels are scored exactly as in the trainer's final validation (same images, eval.size,
+    # scales); only the segmentation switches to the final protocol (flip sum)
+    trained = json.loads((cli_run / "metrics.json").read_text())
+    for key in ("miou_cam", "miou_aux_cam", "miou_pseudo"):
+        assert result[key] == pytest.approx(trained[f"val/{key}"], abs=1e-9), key
+
+
+def test_eval_crf_json_on_the_first_images(cli_run: Path, tmp_path: Path):
+    proc = cpews(
+        "eval",
+        "--checkpoint",
+        cli_run / "last.pt",
+        "--device",
+        "cpu",
+        "--crf",
+        "--json",
+        "--max-images",
+        "4",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["images"] == 4
+    for key in (*MIOU_KEYS, "miou_seg_crf"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert all("seg_crf" in row for row in result["per_class"])
+
+
+def test_infer_writes_labels_and_overlays(cli_run: Path, synthetic_data_dir: Path, tmp_path: Path):
+    images = sorted((synthetic_data_dir / "JPEGImages").glob("*.png"))[:2]
+    out = tmp_path / "pred"
+    proc = cpews(
+        "infer", "--checkpoint", cli_run / "last.pt", "--device", "cpu", *images, "--out", out, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = sorted(name for p in images for name in (f"{p.stem}.png", f"{p.stem}_overlay.png"))
+    assert sorted(p.name for p in out.iterdir()) == expected
+    assert len(proc.stdout.splitlines()) == 2
+
+
+def test_infer_with_crf(cli_run: Path, synthetic_data_dir: Path, tmp_path: Path, capsys):
+    from orchestration.cli import main
+
+    image = min((synthetic_data_dir / "JPEGImages").glob("*.png"))
+    rc = main(
+        [
+            "infer",
+            "--checkpoint",
+            str(cli_run / "last.pt"),
+            "--device",
+            "cpu",
+            "--crf",
+            str(image),
+            "--out",
+            str(tmp_path / "pred"),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+
+
+def test_train_resume_from_another_architecture_is_a_clean_error(cli_run: Path, tmp_path: Path, capsys):
+    from orchestration.cli import main
+
+    out = tmp_path / "resumed"
+    rc = main(
+        [
+            "train",
+            "--config",
+            "test_micro",
+            *MICRO,
+            "--set",
+            "model.depth=3",
+            "--resume",
+            str(cli_run / "last.pt"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 2
+    assert str(cli_run / "last.pt") in capsys.readouterr().err
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path):
+    bogus = tmp_path / "not_a_checkpoint.pt"
+    bogus.write_bytes(b"\x00\x01 definitely not a torch file" * 4)
+    assert_clean_error(
+        cpews("eval", "--checkpoint", bogus, "--json", cwd=tmp_path), str(bogus), "not a cpews checkpoint"
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli_synthetic") / "synth"
+    proc = cpews(
+        "data", "synthetic", "--out", out, "--train", 20, "--val", 8, "--image-size", 32, cwd=out.parent
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout
+    return out
+
+
+def test_data_synthetic_writes_the_voc_layout(cli_synthetic: Path):
+    for folder in ("JPEGImages", "SegmentationClassAug", "ConfounderMask"):
+        assert len(list((cli_synthetic / folder).glob("*.png"))) == 28, folder
+    lists = cli_synthetic / "ImageSets" / "Segmentation"
+    counts = {
+        split: len((lists / f"{split}.txt").read_text().split()) for split in ("train_aug", "train", "val")
+    }
+    assert counts == {"train_aug": 20, "train": 20, "val": 8}
+    meta = json.loads((cli_synthetic / "meta.json").read_text())
+    assert (
+        meta["params"]["n_train"] == 20
+        and meta["params"]["n_val"] == 8
+        and meta["params"]["image_size"] == 32
+    )
+
+
+def test_data_validate_accepts_a_good_folder_and_names_the_problem_in_a_broken_one(cli_synthetic, tmp_path):
+    ok = cpews("data", "validate", "--root", cli_synthetic, "--dataset", "synthetic", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "layout OK" in ok.stdout
+    broken = tmp_path / "broken"
+    shutil.copytree(cli_synthetic, broken)
+    first_val = (broken / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    missing = broken / "JPEGImages" / f"{first_val}.png"
+    missing.unlink()
+    proc = cpews("data", "validate", "--root", broken, "--dataset", "synthetic", cwd=tmp_path)
+    assert_clean_error(proc, str(broken / "JPEGImages" / first_val), "not found")
+
+
+def test_infer_with_an_unreadable_image_is_a_clean_error(
+    cli_run: Path, synthetic_data_dir: Path, tmp_path: Path, capsys
+):
+    from orchestration.cli import main
+
+    good = min((synthetic_data_dir / "JPEGImages").glob("*.png"))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "pred"
+    rc = main(
+        [
+            "infer",
+            "--checkpoint",
+            str(cli_run / "last.pt"),
+            "--device",
+            "cpu",
+            str(good),
+            str(bad),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 2
+    assert capsys.readouterr().err.startswith(f"cpews: error: cannot read image {str(bad)!r}")
+    assert not out.exists()
+
+
+def test_config_show_json_is_the_flat_config(tmp_path: Path):
+    from cpews.config import load_config
+
+    proc = cpews(
+        "config", "show", "--config", "test_micro", "--set", "optim.max_iters=7", "--json", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == load_config("test_micro", ["optim.max_iters=7"]).to_flat_dict()
