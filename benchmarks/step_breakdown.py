@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from cpews.cam import CamPair, multiscale_cams
 from cpews.config import load_config
+from cpews.losses import classification_loss, segmentation_loss
 from cpews.model import build_model
 from cpews.training.step import StepContext, compute_losses, ism_term, seg_pseudo_labels
-from cpews.losses import classification_loss, segmentation_loss
 from cpews.training.trainer import build_optimizer
 
 

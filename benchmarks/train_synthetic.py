@@ -54,9 +54,10 @@ def main() -> None:
           f"threads={torch.get_num_threads()}")
     print(f"data generation/check {data_time:.1f}s; training wall time {result.wall_time:.1f}s "
           f"(validation included); median steps/s {sorted(steps)[len(steps) // 2]:.2f}")
-    keys = ["miou_cam", "miou_aux_cam", "miou_pseudo", "miou_seg"] + (["miou_seg_crf"] if args.crf else [])
-    for key in keys + ["pseudo_ignored_fraction", "f1", "confounder_false_activation_cam",
-                       "confounder_false_activation_seg", "confounder_image_bias", "confounded_class_iou_cam"]:
+    keys = ["miou_cam", "miou_aux_cam", "miou_pseudo", "miou_seg", "miou_seg_crf", "pseudo_ignored_fraction", "f1",
+            "confounder_false_activation_cam", "confounder_false_activation_seg", "confounder_image_bias",
+            "confounded_class_iou_cam"]
+    for key in keys:
         if key in m:
             print(f"  {key:<34} {m[key]:.4f}")
     columns = [c for c in ("cam", "aux_cam", "pseudo", "seg", "seg_crf") if c in final.per_class[0]]

@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-Scalar = Union[int, float, str, bool]
+Scalar = Union[int, float, str, bool]  # noqa: UP007 - a runtime alias, also for Python 3.10
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 

@@ -69,7 +69,7 @@ class ConfounderStats:
     def __init__(self, confounded_label: int) -> None:
         self.label = confounded_label
         self.texture_pixels = 0
-        self.false_pixels: dict[str, int] = {name: 0 for name in SCORE_NAMES}
+        self.false_pixels: dict[str, int] = dict.fromkeys(SCORE_NAMES, 0)
         self.texture_only_images = 0
         self.biased_images = 0
 

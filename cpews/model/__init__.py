@@ -7,7 +7,7 @@ from cpews.model.backbone import BackboneOutput, ViTBackbone
 from cpews.model.decoder import LargeFOVDecoder
 from cpews.model.network import POOL_KEYS, CpewsNet, CpewsOutput
 
-__all__ = ["BackboneOutput", "CpewsNet", "CpewsOutput", "LargeFOVDecoder", "POOL_KEYS", "ViTBackbone", "build_model"]
+__all__ = ["POOL_KEYS", "BackboneOutput", "CpewsNet", "CpewsOutput", "LargeFOVDecoder", "ViTBackbone", "build_model"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> CpewsNet:

@@ -111,7 +111,7 @@ def load_backbone_weights(vit: nn.Module, path: str | Path) -> None:
         raise FileNotFoundError(f"model.weights={str(path)!r}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad weights file
+    except Exception as exc:
         raise ValueError(f"model.weights={str(path)!r}: not a loadable state dict: {exc}") from exc
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

@@ -84,7 +84,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r}: no such file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not one of ours"
+    except Exception as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a cpews checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a cpews checkpoint (no '{CHECKPOINT_FORMAT}' marker)")

@@ -52,7 +52,7 @@ class PolyWarmupAdamW(torch.optim.AdamW):
         return lr_factor(self.global_step, **self.schedule)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch signature
+    def step(self, closure=None):
         factor = self.current_factor()
         for group in self.param_groups:
             group["lr"] = group["base_lr"] * factor

@@ -20,8 +20,8 @@ import torch
 
 from cpews.config import TrainConfig, config_to_yaml
 from cpews.evaluation.evaluate import EvalResult, evaluate
-from cpews.model import CpewsNet, build_model
 from cpews.metrics import multilabel_f1
+from cpews.model import CpewsNet, build_model
 from cpews.training import keys
 from cpews.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from cpews.training.data import class_names, eval_dataset, resolve_data_root, train_loader
@@ -48,7 +48,7 @@ class TrainHooks(NamedTuple):
     """Extension points for the prototype module: extra loss terms and calls after optimizer steps."""
 
     extra_terms: Sequence[LossTerm] = ()
-    after_step: Sequence[Callable[["TrainState"], None]] = ()
+    after_step: Sequence[Callable[[TrainState], None]] = ()
 
 
 class TrainState(NamedTuple):
@@ -166,7 +166,7 @@ def train(
     train_ids: Sequence[str] | None = None,
     val_ids: Sequence[str] | None = None,
     val_split: str | None = None,
-    hooks: TrainHooks = TrainHooks(),
+    hooks: TrainHooks | None = None,
     progress: bool | None = None,
 ) -> TrainResult:
     """Train CPEWS for `cfg.optim.max_iters` optimizer steps.
@@ -179,6 +179,7 @@ def train(
         progress: force the progress bar on or off (default: on when stderr is a terminal).
     """
     started = time.perf_counter()
+    hooks = hooks or TrainHooks()
     reporter = reporter or print_reporter
     out_dir = Path(out_dir)
     device = select_device(cfg.train.device)
