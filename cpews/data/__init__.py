@@ -1,0 +1,81 @@
+"""Datasets, transforms, class tables and the synthetic dataset generator."""
+
+from __future__ import annotations
+
+from cpews.data.classes import (
+    COCO_CLASSES,
+    COCO_SUPERCLASSES,
+    DATASET_NAMES,
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_SUPERCLASSES,
+    VOC_CLASSES,
+    VOC_SUPERCLASSES,
+    ClassTable,
+    class_table,
+)
+from cpews.data.datasets import (
+    IGNORE_INDEX,
+    DatasetError,
+    DatasetLayout,
+    EvalDataset,
+    TrainDataset,
+    image_labels,
+    load_image,
+    read_mask,
+    read_split_ids,
+    validate_dataset,
+)
+from cpews.data.synthetic import (
+    CONFOUNDED_CLASS,
+    CONFOUNDER_TEXTURE,
+    SyntheticDatasetError,
+    SyntheticParams,
+    ensure_synthetic_dataset,
+    generate_synthetic_dataset,
+    read_synthetic_meta,
+)
+from cpews.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PhotometricParams,
+    TrainSample,
+    eval_transform,
+    to_rgb_uint8,
+    train_transform,
+)
+
+__all__ = [
+    "COCO_CLASSES",
+    "COCO_SUPERCLASSES",
+    "CONFOUNDED_CLASS",
+    "CONFOUNDER_TEXTURE",
+    "DATASET_NAMES",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_SUPERCLASSES",
+    "VOC_CLASSES",
+    "VOC_SUPERCLASSES",
+    "ClassTable",
+    "DatasetError",
+    "DatasetLayout",
+    "EvalDataset",
+    "PhotometricParams",
+    "SyntheticDatasetError",
+    "SyntheticParams",
+    "TrainDataset",
+    "TrainSample",
+    "class_table",
+    "ensure_synthetic_dataset",
+    "eval_transform",
+    "generate_synthetic_dataset",
+    "image_labels",
+    "load_image",
+    "read_mask",
+    "read_split_ids",
+    "read_synthetic_meta",
+    "to_rgb_uint8",
+    "train_transform",
+    "validate_dataset",
+]
