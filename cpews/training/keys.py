@@ -8,6 +8,10 @@ TRAIN_LOSS_ISM = "train/loss_ism"
 TRAIN_LOSS_SEG = "train/loss_seg"
 TRAIN_LOSS_PDL = "train/loss_pdl"
 TRAIN_LOSS_SSL = "train/loss_ssl"
+TRAIN_PDL_RMS_POS = "train/pdl_rms_pos"  # mean RMS distance of PDL region features to p̄_c (§13 choice 3)
+TRAIN_PDL_RMS_NEG = "train/pdl_rms_neg"  # mean RMS distance to the closest negative prototype
+TRAIN_PDL_PAIRS = "train/pdl_pairs"  # mean number of PDL (image, class) pairs per step
+TRAIN_SSL_TOKENS = "train/ssl_tokens"  # mean number of SSL-suppressed tokens per step
 TRAIN_F1 = "train/f1"
 TRAIN_LR = "train/lr"
 TRAIN_STEPS_PER_SEC = "train/steps_per_sec"
@@ -23,6 +27,11 @@ VAL_PSEUDO_IGNORED = "val/pseudo_ignored_fraction"
 VAL_CONFOUNDER_FALSE_ACTIVATION = "val/confounder_false_activation"
 VAL_CONFOUNDER_IMAGE_BIAS = "val/confounder_image_bias"
 VAL_CONFOUNDED_IOU = "val/confounded_class_iou"
+
+
+def stat_key(name: str) -> str:
+    """`train/<name>` for a per-step diagnostic recorded in `StepContext.stats` (`pdl_rms_pos`, ...)."""
+    return f"train/{name}"
 
 
 def loss_key(term: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class StepContext:
     boxes: Tensor  # (B, 4) valid box (r0, r1, c0, c1) in crop pixels
     output: CpewsOutput
     cams: CamPair | None  # (B, C, H, W) multi-scale CAMs, None when no term needs them
+    stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics a term records, as train/<name>
 
 
 class LossTerm(NamedTuple):
@@ -46,6 +47,7 @@ class StepLosses(NamedTuple):
     terms: dict[str, Tensor]  # unweighted terms that were computed, by name
     weights: dict[str, float]
     output: CpewsOutput
+    stats: dict[str, Tensor]  # what the terms recorded in StepContext.stats (detached 0-dim; NaN = undefined)
 
 
 def ism_weight(cfg: TrainConfig, it: int) -> float:
@@ -135,5 +137,5 @@ def compute_losses(
         terms[term.name] = term.compute(ctx)
         weights[term.name] = weight
     total = sum(weights[name] * value for name, value in terms.items())
-    return StepLosses(total, terms, weights, output)
+    return StepLosses(total, terms, weights, output, ctx.stats)
 

@@ -45,10 +45,12 @@ class TrainResult(NamedTuple):
 
 
 class TrainHooks(NamedTuple):
-    """Extension points for the prototype module: extra loss terms and calls after optimizer steps."""
+    """Extension points for the prototype module: extra loss terms, calls after optimizer steps, and calls
+    before the first step of a fresh run (not on resume: a resumed model already holds what they set up)."""
 
     extra_terms: Sequence[LossTerm] = ()
     after_step: Sequence[Callable[[TrainState], None]] = ()
+    before_training: Sequence[Callable[[TrainState], None]] = ()
 
 
 class TrainState(NamedTuple):
@@ -86,6 +88,15 @@ def validation_metrics(result: EvalResult) -> dict[str, float]:
     if "confounded_class_iou_cam" in m:
         out[keys.VAL_CONFOUNDED_IOU] = m["confounded_class_iou_cam"]
     return out
+
+
+def default_hooks(cfg: TrainConfig, names: Sequence[str]) -> TrainHooks:
+    """The Contextual Prototype Module's hooks (pool build, PDL, SSL) unless `proto.n_builds == 0`."""
+    if cfg.proto.n_builds == 0:
+        return TrainHooks()
+    from cpews.training.prototype_hooks import prototype_hooks  # imports this module: import at call time
+
+    return prototype_hooks(cfg, class_names=list(names))
 
 
 def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, optimizer: PolyWarmupAdamW) -> int:
@@ -177,14 +188,17 @@ def train(
         train_ids / val_ids: subsets of the train / validation split (cross-validation folds).
         val_split: the split validated on (default `cfg.data.val_split`).
         progress: force the progress bar on or off (default: on when stderr is a terminal).
+        hooks: extra loss terms and calls around the loop (default: the prototype module's, unless
+            `proto.n_builds` is 0).
     """
     started = time.perf_counter()
-    hooks = hooks or TrainHooks()
     reporter = reporter or print_reporter
     out_dir = Path(out_dir)
     device = select_device(cfg.train.device)
     data_root = resolve_data_root(cfg)
     names = class_names(cfg)
+    if hooks is None:
+        hooks = default_hooks(cfg, names)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_classes=len(names) - 1).to(device)
     optimizer = build_optimizer(cfg, model)
@@ -197,10 +211,14 @@ def train(
     (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
     autocast = autocast_factory(cfg, device)
     state_args = dict(cfg=cfg, model=model, data_root=data_root, train_ids=train_ids, out_dir=out_dir)
+    if start_iter == 0:
+        for hook in hooks.before_training:  # e.g. the prototype pool from proto.checkpoint (method.md §6.1)
+            hook(TrainState(iteration=0, **state_args))
     max_iters = cfg.optim.max_iters
     display = _Progress(max_iters, sys.stderr.isatty() if progress is None else progress)
     last_val: dict[str, float] = {}
     window: dict[str, list[torch.Tensor]] = {}
+    stats_window: dict[str, list[torch.Tensor]] = {}
     f1_logits: list[torch.Tensor] = []
     f1_labels: list[torch.Tensor] = []
     window_start, window_iters = time.perf_counter(), 0
@@ -234,6 +252,8 @@ def train(
         optimizer.step()
         for name, value in {**losses.terms, "total": losses.total}.items():
             window.setdefault(name, []).append(value.detach())  # synced only when logged
+        for name, value in losses.stats.items():
+            stats_window.setdefault(name, []).append(value.detach().float())
         f1_logits.append(losses.output.logits.detach().float())
         f1_labels.append(batch["labels"])
         window_iters += 1
@@ -249,12 +269,16 @@ def train(
             metrics[keys.TRAIN_LR] = optimizer.param_groups[0]["lr"]
             metrics[keys.TRAIN_STEPS_PER_SEC] = window_iters / elapsed if elapsed > 0 else math.inf
             metrics[keys.TRAIN_ITERATION] = float(step_count)
+            for name, values in stats_window.items():
+                value = float(torch.stack(values).nanmean())  # NaN entries: steps where it was undefined
+                if math.isfinite(value):
+                    metrics[keys.stat_key(name)] = value
             if not math.isfinite(metrics[keys.TRAIN_LOSS]):
                 raise NonFiniteLossError(f"non-finite loss at iteration {it}: {metrics}")
             display.update(step_count, f"loss={metrics[keys.TRAIN_LOSS]:.4f} f1={metrics[keys.TRAIN_F1]:.3f} "
                            f"{metrics[keys.TRAIN_STEPS_PER_SEC]:.1f} it/s")
             reporter(metrics, None)
-            window, f1_logits, f1_labels = {}, [], []
+            window, stats_window, f1_logits, f1_labels = {}, {}, [], []
             window_start, window_iters = time.perf_counter(), 0
         final = step_count == max_iters
         validate_now = final or (cfg.eval.every and step_count % cfg.eval.every == 0)

@@ -17,6 +17,9 @@ MODULES = [
     "cpews.refine",
     "cpews.metrics",
     "cpews.crf",
+    "cpews.prototypes",
+    "cpews.prototype_losses",
+    "cpews.training.prototype_hooks",
 ]
 
 

@@ -1,0 +1,290 @@
+"""CPM in the trainer (method.md §6.1, §8.1-§8.2): the build schedule, the loss weights, a short run that builds
+the pool at step 2, the checkpoint source, and the errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from cpews.config import TrainConfig, load_config
+from cpews.data import read_split_ids
+from cpews.model import build_model
+from cpews.prototypes import POOL_KEYS, load_pool
+from cpews.training import TrainHooks, TrainState, keys, load_checkpoint, train
+from cpews.training.data import DATA_DIR_ENV, resolve_data_root
+from cpews.training.prototype_hooks import (
+    STAT_PDL_PAIRS,
+    STAT_PDL_RMS_NEG,
+    STAT_PDL_RMS_POS,
+    STAT_SSL_TOKENS,
+    PrototypeModule,
+    pdl_weight,
+    pool_build_iterations,
+    pool_from_checkpoint,
+    prototype_hooks,
+    ssl_weight,
+)
+from cpews.training.step import StepContext, compute_losses
+
+RUN_OVERRIDES = (
+    "data.synthetic_train=48",
+    "data.synthetic_val=16",
+    "data.num_workers=0",
+    "train.device=cpu",
+    "proto.build_iter=2",
+    "proto.resize=64",
+    "proto.num_prototypes=3",
+    "optim.max_iters=4",
+)
+NUM_CLASSES = 6  # synthetic dataset
+
+
+def _config(*overrides: str) -> TrainConfig:
+    return load_config("test_micro", (*RUN_OVERRIDES, *overrides))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Schedule and weights (pure).
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "n_builds", "expected"),
+    [
+        ("warmup", 0, []),
+        ("warmup", 1, [4000]),
+        ("warmup", 2, [4000, 12000]),  # spacing (20000 - 4000) // 2 = 8000
+        ("warmup", 5, [4000, 7200, 10400, 13600, 16800]),  # spacing 16000 // 5 = 3200
+        ("checkpoint", 0, []),
+        ("checkpoint", 1, [0]),
+        ("checkpoint", 2, [0, 10000]),
+        ("checkpoint", 5, [0, 4000, 8000, 12000, 16000]),
+    ],
+)
+def test_pool_build_iterations(source, n_builds, expected):
+    cfg = load_config(None, [f"proto.source={source}", f"proto.n_builds={n_builds}", "proto.checkpoint=x.pt"])
+    assert cfg.proto.build_iter == 4000 and cfg.optim.max_iters == 20000
+    assert pool_build_iterations(cfg) == expected
+
+
+def test_pool_build_iterations_edge_cases():
+    # build_iter at or after the end: never built; more builds than steps left: merged
+    assert pool_build_iterations(load_config(None, ["proto.build_iter=20000"])) == []
+    assert pool_build_iterations(load_config(None, ["optim.max_iters=4002", "proto.n_builds=5"])) == [4000]
+    assert pool_build_iterations(load_config(None, ["optim.max_iters=4010", "proto.n_builds=5"])) == [
+        4000,
+        4002,
+        4004,
+        4006,
+        4008,
+    ]
+
+
+def test_weights_switch_on_at_the_first_build():
+    cfg = load_config(None, [])
+    assert pdl_weight(cfg, 3999) == 0.0 and ssl_weight(cfg, 3999) == 0.0
+    assert pdl_weight(cfg, 4000) == cfg.loss.pdl_weight == 0.12
+    assert ssl_weight(cfg, 19999) == cfg.loss.ssl_weight == 1.5e-4
+    off = load_config(None, ["proto.n_builds=0"])
+    assert pdl_weight(off, 10**6) == 0.0 and ssl_weight(off, 10**6) == 0.0
+    from_checkpoint = load_config(None, ["proto.source=checkpoint", "proto.checkpoint=x.pt"])
+    assert pdl_weight(from_checkpoint, 0) == 0.12
+
+
+def test_checkpoint_source_needs_a_checkpoint():
+    with pytest.raises(ValueError, match="proto.checkpoint"):
+        prototype_hooks(load_config(None, ["proto.source=checkpoint"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A short run (4 steps, pool built after step 2, log every 2).
+# ------------------------------------------------------------------------------------------------------------
+
+
+class PoolRun(NamedTuple):
+    cfg: TrainConfig
+    reports: list
+    out_dir: Path
+    model: torch.nn.Module
+    module: PrototypeModule
+    data_root: Path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    previous = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(tmp_path_factory.mktemp("cpm_data"))
+    try:
+        yield resolve_data_root(_config())
+    finally:
+        if previous is None:
+            os.environ.pop(DATA_DIR_ENV, None)
+        else:
+            os.environ[DATA_DIR_ENV] = previous
+
+
+@pytest.fixture(scope="module")
+def pool_run(data_dir, tmp_path_factory) -> PoolRun:
+    cfg = _config()
+    module = PrototypeModule(cfg, progress=None)
+    hooks = module.hooks()
+    captured = {}
+    reports: list = []
+    out_dir = tmp_path_factory.mktemp("cpm_run") / "run"
+    train(
+        cfg,
+        lambda metrics, checkpoint_dir: reports.append(dict(metrics)),
+        out_dir=out_dir,
+        hooks=TrainHooks(
+            extra_terms=hooks.extra_terms,
+            after_step=(*hooks.after_step, lambda state: captured.setdefault("model", state.model)),
+        ),
+        progress=False,
+    )
+    return PoolRun(cfg, reports, out_dir, captured["model"], module, data_dir)
+
+
+def test_run_builds_the_pool_at_step_two(pool_run):
+    folder = pool_run.out_dir / "pool"
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "pool.pt",
+        "pool.json",
+        "pool.png",
+        "pool_it0000002.pt",
+        "pool_it0000002.json",
+        "pool_it0000002.png",
+    } <= names
+    assert (folder / "pool.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pool = load_pool(folder / "pool.pt")
+    assert pool.meta == json.loads((folder / "pool.json").read_text())
+    assert pool.meta["iteration"] == 2 and pool.meta["num_images"] == 48 and pool.meta["source"] == "warmup"
+    assert pool.meta["split"] == pool_run.cfg.data.train_split and pool.meta["resize"] == 64
+    model = pool_run.model
+    assert bool(model.pool_ready)
+    for key in POOL_KEYS:  # the installed buffers are the saved pool
+        assert torch.equal(getattr(model, f"pool_{key}"), pool.tensors[key]), key
+    k = pool_run.cfg.proto.num_prototypes
+    assert pool.tensors["pos"].shape == (NUM_CLASSES, k, model.backbone.embed_dim)
+    t = pool.tensors
+    assert (t["pos_n"] <= k).all() and (t["neg_ss_n"] <= t["neg_n"]).all() and (t["neg_n"] <= k).all()
+    # the checkpoint carries the pool
+    state = load_checkpoint(pool_run.out_dir / "last.pt").model
+    assert bool(state["pool_ready"]) and torch.equal(state["pool_pos"], t["pos"])
+
+
+def test_prototype_losses_reported_after_the_build_only(pool_run):
+    train_reports = [m for m in pool_run.reports if keys.TRAIN_LOSS in m]
+    assert [m[keys.TRAIN_ITERATION] for m in train_reports] == [2.0, 4.0]
+    # iterations 0-1 (window ending at step 2): no pool yet; iterations 2-3: PDL and SSL active
+    assert keys.TRAIN_LOSS_PDL not in train_reports[0] and keys.TRAIN_LOSS_SSL not in train_reports[0]
+    assert keys.TRAIN_LOSS_PDL in train_reports[1] and keys.TRAIN_LOSS_SSL in train_reports[1]
+    assert math.isfinite(train_reports[1][keys.TRAIN_LOSS_PDL]) and train_reports[1][keys.TRAIN_LOSS_PDL] >= 0
+    assert math.isfinite(train_reports[1][keys.TRAIN_LOSS_SSL])
+    stats = pool_run.module.last_stats
+    assert {STAT_PDL_RMS_POS, STAT_PDL_RMS_NEG, STAT_PDL_PAIRS, STAT_SSL_TOKENS} <= set(stats)
+    if stats[STAT_PDL_PAIRS] > 0:
+        assert math.isfinite(float(stats[STAT_PDL_RMS_POS])) and float(stats[STAT_PDL_RMS_NEG]) > 0
+
+
+def test_checkpoint_source_loads_the_weights_then_builds(pool_run, tmp_path):
+    checkpoint = pool_run.out_dir / "last.pt"
+    # K may differ from the checkpoint's: its pool buffers are not loaded
+    cfg = _config("proto.source=checkpoint", f"proto.checkpoint={checkpoint}", "proto.num_prototypes=2")
+    torch.manual_seed(1)
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    module = PrototypeModule(cfg, progress=None)
+    assert module.builds == [0]
+    module.before_training(TrainState(cfg, model, 0, pool_run.data_root, None, tmp_path))
+    saved = load_checkpoint(checkpoint).model
+    for name, value in model.state_dict().items():
+        if not name.startswith("pool_"):
+            assert torch.equal(value, saved[name]), name
+    assert bool(model.pool_ready) and model.pool_pos.shape[1] == 2
+    pool = load_pool(tmp_path / "pool" / "pool_it0000000.pt")
+    assert pool.meta["checkpoint"] == str(checkpoint) and pool.meta["checkpoint_iteration"] == 4
+    assert torch.equal(model.pool_neg, pool.tensors["neg"])
+
+
+def test_checkpoint_of_another_architecture_is_refused(pool_run, tmp_path):
+    cfg = _config(
+        "proto.source=checkpoint", f"proto.checkpoint={pool_run.out_dir / 'last.pt'}", "model.depth=3"
+    )
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="model.depth"):
+        pool_from_checkpoint(cfg, model, data_root=pool_run.data_root, out_dir=tmp_path, progress=None)
+
+
+def test_losses_without_a_pool_fail_clearly(pool_run):
+    # source=checkpoint makes the terms active from iteration 0; without the before_training build there is
+    # no pool in the model
+    cfg = _config("proto.source=checkpoint", "proto.checkpoint=unused.pt")
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    batch = {
+        "image": torch.randn(2, 3, 64, 64),
+        "labels": torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]]),
+        "box": torch.tensor([[0, 64, 0, 64]] * 2),
+    }
+    hooks = prototype_hooks(cfg, progress=None)
+    with pytest.raises(RuntimeError, match="no pool"):
+        compute_losses(model, batch, cfg, 0, extra_terms=hooks.extra_terms)
+
+
+def test_warmup_build_at_step_zero(pool_run, tmp_path):
+    cfg = _config("proto.build_iter=0")
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    module = PrototypeModule(cfg, progress=None)
+    module.after_step(TrainState(cfg, model, 1, pool_run.data_root, None, tmp_path))  # not a build step
+    assert not bool(model.pool_ready)
+    module.before_training(
+        TrainState(
+            cfg,
+            model,
+            0,
+            pool_run.data_root,
+            read_split_ids(pool_run.data_root, cfg.data.dataset, cfg.data.train_split)[:10],
+            tmp_path,
+        )
+    )
+    assert bool(model.pool_ready)
+    assert load_pool(tmp_path / "pool" / "pool.pt").meta["num_images"] == 10  # the train_ids subset
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Through `train(...)` with the trainer's `before_training` hook and `StepContext.stats` (skipped until the
+# trainer offers them).
+# ------------------------------------------------------------------------------------------------------------
+
+needs_trainer_hooks = pytest.mark.skipif(
+    "before_training" not in TrainHooks._fields
+    or "stats" not in getattr(StepContext, "__dataclass_fields__", {}),
+    reason="needs TrainHooks.before_training and StepContext.stats in the trainer",
+)
+
+
+@needs_trainer_hooks
+def test_train_from_checkpoint_source_reports_prototype_stats(pool_run, tmp_path):
+    cfg = _config(
+        "proto.source=checkpoint", f"proto.checkpoint={pool_run.out_dir / 'last.pt'}", "optim.max_iters=2"
+    )
+    reports: list = []
+    train(
+        cfg,
+        lambda m, d: reports.append(dict(m)),
+        out_dir=tmp_path,
+        hooks=prototype_hooks(cfg, progress=None),
+        progress=False,
+    )
+    assert (tmp_path / "pool" / "pool_it0000000.pt").is_file() and (tmp_path / "pool" / "pool.pt").is_file()
+    (first,) = [m for m in reports if keys.TRAIN_LOSS in m]
+    # the pool exists before iteration 0: PDL and SSL act from the first window on
+    assert keys.TRAIN_LOSS_PDL in first and keys.TRAIN_LOSS_SSL in first
+    assert first[keys.TRAIN_PDL_PAIRS] >= 0 and first[keys.TRAIN_SSL_TOKENS] >= 0
+    if first[keys.TRAIN_PDL_PAIRS] > 0:
+        assert first[keys.TRAIN_PDL_RMS_POS] > 0 and first[keys.TRAIN_PDL_RMS_NEG] > 0
