@@ -226,7 +226,7 @@ def _water(rng: np.random.Generator, grid: _Grid) -> np.ndarray:
     period_cols = rng.uniform(10.0, 20.0) * grid.scale
     phase = 1.5 * np.sin(cols * (2 * np.pi / period_cols) + rng.uniform(0, 2 * np.pi))
     waves = np.sin(rows * (2 * np.pi / period_rows) + phase + rng.uniform(0, 2 * np.pi))
-    water = np.broadcast_to(colour, rows.shape + (3,)).copy()
+    water = np.broadcast_to(colour, (*rows.shape, 3)).copy()
     crest = waves > 0.55
     water[crest] = 0.45 * water[crest] + 0.55 * 240.0
     water[waves < -0.5] *= 0.8
@@ -368,9 +368,7 @@ def _car(rng: np.random.Generator, grid: _Grid) -> _ObjectSpec:
         cabin = (grid.rows >= body_top - cabin_height) & (grid.rows < body_top)
         cabin &= np.abs(grid.cols - col) <= cabin_half
         pillar = cabin & (np.abs(grid.cols - col) <= 0.6 * grid.scale)
-        return [(body, body_colour), (cabin, glass), (pillar, body_colour)] + _wheels(
-            grid, col, bottom, 0.3 * width, radius
-        )
+        return [(body, body_colour), (cabin, glass), (pillar, body_colour), *_wheels(grid, col, bottom, 0.3 * width, radius)]
 
     return _ObjectSpec(_CAR, width / 2 + 1.0, radius + height + cabin_height, 0.0, paint)
 
@@ -395,7 +393,7 @@ def _bus(rng: np.random.Generator, grid: _Grid) -> _ObjectSpec:
         body = _box(grid, top, body_bottom, left, right)
         band = _box(grid, top + 2.0 * grid.scale, top + 2.0 * grid.scale + window_height, left + 2, right - 2)
         windows = band & (((grid.cols - left) % window_period) < 0.65 * window_period)
-        return [(body, body_colour), (windows, glass)] + _wheels(grid, col, bottom, 0.32 * width, radius)
+        return [(body, body_colour), (windows, glass), *_wheels(grid, col, bottom, 0.32 * width, radius)]
 
     return _ObjectSpec(_BUS, width / 2 + 1.0, radius + height, 0.0, paint)
 
