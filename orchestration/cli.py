@@ -134,7 +134,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpews", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cpews",
+        description="CPEWS weakly supervised semantic segmentation: configs, data, training, evaluation, inference.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
