@@ -50,8 +50,8 @@ def pool_build_benchmark(config: str, overrides: list[str], device: torch.device
     from cpews.config import load_config
     from cpews.data import class_table
     from cpews.model import build_model
-    from cpews.prototypes import build_pool
-    from cpews.training.data import eval_dataset, resolve_data_root
+    from cpews.training.data import resolve_data_root
+    from cpews.training.prototype_hooks import build_model_pool
 
     cfg = load_config(config, overrides)
     started = time.perf_counter()
@@ -61,24 +61,7 @@ def pool_build_benchmark(config: str, overrides: list[str], device: torch.device
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=table.num_classes).to(device)
     p = cfg.proto
-    dataset = eval_dataset(cfg, root, split=cfg.data.train_split, resize=p.resize)
-    pool = build_pool(
-        model,
-        dataset,
-        num_classes=table.num_classes,
-        num_prototypes=p.num_prototypes,
-        region_threshold=p.region_threshold,
-        scales=p.scales,
-        superclasses=table.superclasses,
-        exclude_singleton_superclass=p.ssl_exclude_singleton_superclass,
-        kmeans_n_init=p.kmeans_n_init,
-        kmeans_max_iter=p.kmeans_max_iter,
-        kmeans_seed=p.kmeans_seed,
-        device=device,
-        class_names=table.foreground_names,
-        num_workers=cfg.data.num_workers,
-        progress=None,
-    )
+    pool = build_model_pool(cfg, model, data_root=root, train_ids=None, out_dir=None, iteration=0, progress=None)
     meta = pool.meta
     print(
         f"    {meta['num_images']} images at {p.resize}px, {len(p.scales)} scales x 2 flips, D={meta['dim']}, "

@@ -77,6 +77,16 @@ def save_checkpoint(
     return path
 
 
+def config_differences(saved: TrainConfig, wanted: TrainConfig, extra_keys: tuple[str, ...] = ()) -> list[str]:
+    """`key: saved -> wanted` for every model setting (except `model.weights`) or extra key that differs.
+
+    A checkpoint's weights only fit a model built from the same `model.*` settings.
+    """
+    a, b = saved.to_flat_dict(), wanted.to_flat_dict()
+    keys = [k for k in b if k.startswith("model.") and k != "model.weights"] + list(extra_keys)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint written by `save_checkpoint`; anything else is refused with a clear error."""
     path = Path(path)

@@ -33,7 +33,7 @@ from cpews.data import class_table
 from cpews.model import CpewsNet
 from cpews.prototype_losses import pdl_loss, ssl_loss
 from cpews.prototypes import Pool, build_pool, plot_pool, save_pool
-from cpews.training.checkpoint import load_checkpoint
+from cpews.training.checkpoint import config_differences, load_checkpoint
 from cpews.training.data import eval_dataset
 from cpews.training.step import LossTerm, StepContext
 from cpews.training.trainer import TrainHooks, TrainState, autocast_factory
@@ -192,12 +192,11 @@ def pool_from_checkpoint(
             "proto.source=checkpoint needs proto.checkpoint (the checkpoint to build the pool from)"
         )
     checkpoint = load_checkpoint(path)
-    saved, wanted = checkpoint.cfg.to_flat_dict(), cfg.to_flat_dict()
-    differ = [k for k in wanted if k.startswith("model.") and k != "model.weights" and saved[k] != wanted[k]]
-    differ += [k for k in ("data.dataset",) if saved[k] != wanted[k]]
-    if differ:
-        changes = ", ".join(f"{k}: {saved[k]!r} (checkpoint) vs {wanted[k]!r}" for k in differ)
-        raise ValueError(f"proto.checkpoint {str(path)!r} does not match this run's model ({changes})")
+    differences = config_differences(checkpoint.cfg, cfg, ("data.dataset",))
+    if differences:
+        raise ValueError(
+            f"proto.checkpoint {str(path)!r} does not match this run's model ({', '.join(differences)})"
+        )
     weights = {k: v for k, v in checkpoint.model.items() if not k.rsplit(".", 1)[-1].startswith("pool_")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.rsplit(".", 1)[-1].startswith("pool_")]

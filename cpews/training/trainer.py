@@ -23,7 +23,7 @@ from cpews.evaluation.evaluate import EvalResult, evaluate
 from cpews.metrics import multilabel_f1
 from cpews.model import CpewsNet, build_model
 from cpews.training import keys
-from cpews.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from cpews.training.checkpoint import config_differences, load_checkpoint, save_checkpoint, set_rng_state
 from cpews.training.data import class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.optim import PolyWarmupAdamW, parameter_groups
 from cpews.training.step import LossTerm, compute_losses
@@ -106,12 +106,9 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, opti
         ValueError: the checkpoint's model settings differ from `cfg` (a resume must keep the architecture).
     """
     checkpoint = load_checkpoint(path)
-    saved, wanted = checkpoint.cfg.to_flat_dict(), cfg.to_flat_dict()
-    architecture = [k for k in wanted if k.startswith("model.") and k != "model.weights" and saved[k] != wanted[k]]
-    architecture += [k for k in ("proto.num_prototypes",) if saved[k] != wanted[k]]
-    if architecture:
-        changes = ", ".join(f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in architecture)
-        raise ValueError(f"cannot resume from {str(path)!r}: the model differs from the checkpoint's ({changes})")
+    differences = config_differences(checkpoint.cfg, cfg, ("proto.num_prototypes",))
+    if differences:
+        raise ValueError(f"cannot resume from {str(path)!r}: the model differs from the checkpoint's ({', '.join(differences)})")
     model.load_state_dict(checkpoint.model)
     if checkpoint.optimizer is not None:
         optimizer.load_state_dict(checkpoint.optimizer)
