@@ -9,7 +9,8 @@ CPEWS with the pool re-built 2 and 5 times (Table 3). Columns: CAM, pseudo-label
 of the confounded class (boat), its false-activation rate on water (pixels of visible water labelled boat by
 the CAM) and its image-level bias (share of images with water but no boat whose boat logit is > 0), and the
 mIoU of the other classes; mean ± std over seeds, plus a paired t-test (over seeds) between the ToCo-like row
-and full CPEWS. Runs go to `--out`, one process per run (`--workers` at a time, one thread each).
+and full CPEWS. Runs go to `--out`, one process per run (`--workers` at a time, one thread each); a run
+whose `ablation.json` exists there with the same config is reused, so an interrupted ablation continues.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def run_one(row: str, seed: int, base: str, overrides: list[str], out: str) -> d
 
     cfg = load_config(base, [*overrides, *ROWS[row], f"train.seed={seed}"])
     run_dir = Path(out) / f"{row}_seed{seed}"
+    done = run_dir / "ablation.json"
+    if done.is_file() and json.loads(done.read_text()).get("config") == cfg.to_flat_dict():
+        return json.loads(done.read_text())  # finished earlier with the same config: reuse it
     stats: dict[str, float] = {}
 
     def reporter(metrics: dict[str, float], checkpoint_dir) -> None:
@@ -84,7 +88,7 @@ def run_one(row: str, seed: int, base: str, overrides: list[str], out: str) -> d
         metrics[f"other_miou_{score}"] = sum(others) / len(others)
     metrics.update(stats)
     metrics["wall_time"] = time.perf_counter() - started
-    (run_dir / "ablation.json").write_text(json.dumps(metrics, indent=2))
+    done.write_text(json.dumps({**metrics, "config": cfg.to_flat_dict()}, indent=2))
     return metrics
 
 
