@@ -721,8 +721,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save_pool(path: str | Path, pool: Pool) -> Path:
-    """Write `path` (torch.save of the tensors, with the meta as a JSON string so that `torch.load(...,
-    weights_only=True)` reads it) and `path` with suffix `.json` (the meta), each atomically."""
+    """Write `path` (torch.save of the tensors, with the meta as a JSON string so that a weights-only load
+    reads it) and `path` with suffix `.json` (the meta), each atomically."""
     path = Path(path)
     meta_text = json.dumps(pool.meta, indent=2, sort_keys=True)
     payload = {
