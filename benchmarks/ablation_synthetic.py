@@ -176,7 +176,8 @@ def main() -> None:
                   f"water_fa={m.get('confounder_false_activation_cam', float('nan')):.3f} "
                   f"({m['wall_time']:.0f}s)", flush=True)
     command = "python benchmarks/ablation_synthetic.py " + " ".join(
-        [f"--seeds {' '.join(map(str, args.seeds))}"] + [f"--set {o}" for o in args.overrides]
+        [f"--seeds {' '.join(map(str, args.seeds))}", f"--rows {' '.join(args.rows)}"]
+        + [f"--set {o}" for o in args.overrides]
     )
     table = render(results, args.seeds, command)
     print(table)
