@@ -109,6 +109,7 @@ class ProtoConfig:
     scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # views for the pool build, each with its flip [D]
     resize: int = 448  # images resized to this square for the pool build [D]
     ssl_exclude_singleton_superclass: bool = True  # [F]
+    cache_dir: str = ""  # pools stored by content key and reused when images, model and settings match; "" = off [I]
 
 
 @dataclass(frozen=True)

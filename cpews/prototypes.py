@@ -587,7 +587,6 @@ def build_pool(
         "neg_score": negatives.scores.float().cpu(),
         "neg_img": negatives.images.cpu(),
     }
-    image_ids = list(getattr(dataset, "ids", []) or [])
     params = pool_params(
         num_prototypes=num_prototypes,
         region_threshold=region_threshold,
@@ -622,13 +621,7 @@ def build_pool(
         "split": getattr(dataset, "split", None),
         "num_images": seen,
         "backbone": type(getattr(model, "backbone", model)).__name__,
-        "content_key": pool_content_key(
-            dataset=str(getattr(dataset, "dataset", "")),
-            split=str(getattr(dataset, "split", "")),
-            image_ids=image_ids,
-            model_state=model.state_dict(),
-            pool_params=params,
-        ),
+        "content_key": dataset_content_key(model, dataset, params),
         "label_counts": list(candidates.label_counts),
         "positive_candidates": list(candidates.positive_counts),
         "pos_n": pos_n.tolist(),
@@ -673,6 +666,17 @@ def pool_params(
         "kmeans_max_iter": int(kmeans_max_iter),
         "kmeans_seed": int(kmeans_seed),
     }
+
+
+def dataset_content_key(model: torch.nn.Module, dataset: object, params: Mapping[str, object]) -> str:
+    """`pool_content_key` of a pool built from `model` on `dataset` (an EvalDataset) with `params`."""
+    return pool_content_key(
+        dataset=str(getattr(dataset, "dataset", "")),
+        split=str(getattr(dataset, "split", "")),
+        image_ids=list(getattr(dataset, "ids", []) or []),
+        model_state=model.state_dict(),
+        pool_params=params,
+    )
 
 
 def pool_content_key(

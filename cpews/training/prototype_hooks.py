@@ -32,7 +32,15 @@ from cpews.config import TrainConfig
 from cpews.data import class_table
 from cpews.model import CpewsNet
 from cpews.prototype_losses import pdl_loss, ssl_loss
-from cpews.prototypes import Pool, build_pool, plot_pool, save_pool
+from cpews.prototypes import (
+    Pool,
+    build_pool,
+    dataset_content_key,
+    load_pool,
+    plot_pool,
+    pool_params,
+    save_pool,
+)
 from cpews.training.checkpoint import config_differences, load_checkpoint
 from cpews.training.data import eval_dataset
 from cpews.training.step import LossTerm, StepContext
@@ -138,7 +146,50 @@ def build_model_pool(
     )
     dataset = eval_dataset(cfg, Path(data_root), split=cfg.data.train_split, ids=train_ids, resize=p.resize)
     device = next(model.parameters()).device
-    pool = build_pool(
+    params = pool_params(
+        num_prototypes=p.num_prototypes,
+        region_threshold=p.region_threshold,
+        scales=p.scales,
+        resize=getattr(dataset, "resize", None),
+        superclasses=supers,
+        exclude_singleton_superclass=p.ssl_exclude_singleton_superclass,
+        kmeans_n_init=p.kmeans_n_init,
+        kmeans_max_iter=p.kmeans_max_iter,
+        kmeans_seed=p.kmeans_seed,
+    )
+    cached = Path(p.cache_dir) / f"{dataset_content_key(model, dataset, params)}.pt" if p.cache_dir else None
+    if cached is not None and cached.is_file():
+        pool = load_pool(cached)
+        pool = Pool(pool.tensors, {**pool.meta, "iteration": iteration, "cache": "hit", **(meta or {})})
+        if progress:
+            progress(f"pool cache: hit {cached}")
+    else:
+        pool = _build(cfg, model, dataset, supers, names, device, iteration, meta, progress)
+        if cached is not None:
+            save_pool(cached, Pool(pool.tensors, {**pool.meta, "cache": "miss"}))
+            if progress:
+                progress(f"pool cache: miss, stored {cached}")
+    model.set_pool({key: value.to(device) for key, value in pool.tensors.items()})
+    if out_dir is not None:
+        path = write_pool_files(pool, Path(out_dir) / POOL_DIR, f"pool_it{iteration:07d}")
+        if progress:
+            progress(f"pool build: wrote {path} (+ .json, .png) and {path.parent / 'pool.pt'}")
+    return pool
+
+
+def _build(
+    cfg: TrainConfig,
+    model: CpewsNet,
+    dataset: Any,
+    supers: Sequence[str],
+    names: Sequence[str],
+    device: Any,
+    iteration: int,
+    meta: dict[str, Any] | None,
+    progress: Callable[[str], None] | None,
+) -> Pool:
+    p = cfg.proto
+    return build_pool(
         model,
         dataset,
         num_classes=model.num_classes,
@@ -159,12 +210,6 @@ def build_model_pool(
         autocast=autocast_factory(cfg, device),
         progress=progress,
     )
-    model.set_pool({key: value.to(device) for key, value in pool.tensors.items()})
-    if out_dir is not None:
-        path = write_pool_files(pool, Path(out_dir) / POOL_DIR, f"pool_it{iteration:07d}")
-        if progress:
-            progress(f"pool build: wrote {path} (+ .json, .png) and {path.parent / 'pool.pt'}")
-    return pool
 
 
 def pool_from_checkpoint(

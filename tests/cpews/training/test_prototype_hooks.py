@@ -288,3 +288,27 @@ def test_train_from_checkpoint_source_reports_prototype_stats(pool_run, tmp_path
     assert first[keys.TRAIN_PDL_PAIRS] >= 0 and first[keys.TRAIN_SSL_TOKENS] >= 0
     if first[keys.TRAIN_PDL_PAIRS] > 0:
         assert first[keys.TRAIN_PDL_RMS_POS] > 0 and first[keys.TRAIN_PDL_RMS_NEG] > 0
+
+
+def test_pool_cache_hit_when_images_model_and_settings_match(data_dir, tmp_path):
+    """Two identical runs share one cached pool (content key); another pool setting misses."""
+    cache = tmp_path / "cache"
+    messages: list[str] = []
+    runs = {}
+    for name, extra in (("first", ()), ("second", ()), ("other_k", ("proto.num_prototypes=2",))):
+        cfg = _config(f"proto.cache_dir={cache}", *extra)
+        train(
+            cfg,
+            lambda metrics, checkpoint_dir: None,
+            out_dir=tmp_path / name,
+            hooks=PrototypeModule(cfg, progress=messages.append).hooks(),
+            progress=False,
+        )
+        runs[name] = load_pool(tmp_path / name / "pool" / "pool.pt")
+    cache_lines = [m for m in messages if m.startswith("pool cache:")]
+    assert [line.split()[2] for line in cache_lines] == ["miss,", "hit", "miss,"]
+    assert len(list(cache.glob("*.pt"))) == 2
+    assert runs["second"].meta["cache"] == "hit"
+    assert runs["first"].meta["content_key"] == runs["second"].meta["content_key"] != runs["other_k"].meta["content_key"]
+    for key in POOL_KEYS:
+        assert torch.equal(runs["first"].tensors[key], runs["second"].tensors[key])
