@@ -58,6 +58,18 @@ def _min_max_normalize(scores: Tensor, eps: float) -> Tensor:
     return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + eps)  # §2.2 step 5
 
 
+def rescale_images(images: Tensor, scale: float) -> Tensor:
+    """Bilinear resize to `(floor(scale*H), floor(scale*W))` (align_corners=False); scale 1 returns `images`.
+
+    Shapes: images (B, C, H, W) -> (B, C, floor(scale*H), floor(scale*W)).
+    """
+    if scale == 1.0:
+        return images
+    height, width = images.shape[-2:]
+    size = (max(1, math.floor(scale * height)), max(1, math.floor(scale * width)))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
 def multiscale_cams(
     forward_cams: Callable[[Tensor], tuple[Tensor, Tensor]],
     images: Tensor,
@@ -88,11 +100,7 @@ def multiscale_cams(
     aux_sum: Tensor | None = None
     with torch.no_grad():
         for scale in scales:  # §2.2 step 1
-            if scale == 1.0:
-                scaled = images
-            else:
-                scaled_size = (math.floor(scale * height), math.floor(scale * width))
-                scaled = F.interpolate(images, size=scaled_size, mode="bilinear", align_corners=False)
+            scaled = rescale_images(images, scale)
             both_views = torch.cat([scaled, scaled.flip(-1)], dim=0)  # §2.2 step 2
             logits, aux_logits = forward_cams(both_views)
             cam = F.relu(_merge_flip_views(logits, batch_size, size))  # §2.2 steps 3-4

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpews.cam import rescale_images
+
 POOL_FORMAT = "cpews-pool"
 POOL_VERSION = 1
 POOL_KEYS = ("pos", "pos_n", "neg", "neg_n", "neg_ss", "neg_ss_n", "neg_score", "neg_img")
@@ -226,11 +228,7 @@ def view_averages(
     views = 0
     with torch.no_grad():
         for scale in scales:  # §6.2 step 1
-            if scale == 1.0:
-                scaled = images
-            else:
-                size = (math.floor(scale * height), math.floor(scale * width))
-                scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            scaled = rescale_images(images, scale)
             batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
             with autocast():
                 output = model(batch)

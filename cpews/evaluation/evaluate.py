@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpews.cam import cams_to_labels, multiscale_cams
+from cpews.cam import cams_to_labels, multiscale_cams, rescale_images
 from cpews.config import TrainConfig
 from cpews.crf import dense_crf
 from cpews.metrics import ConfusionMeter, multilabel_f1
@@ -40,10 +40,8 @@ def segmentation_probabilities(
     Shapes: image (1, 3, H, W) -> (C + 1, *out_size) probabilities.
     """
     merged = None
-    height, width = image.shape[-2:]
     for scale in scales:
-        size = (max(1, int(height * scale)), max(1, int(width * scale)))
-        x = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        x = rescale_images(image, scale)
         logits = model(torch.cat([x, x.flip(-1)])).seg_logits.float()
         logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
         summed = logits[0] + logits[1].flip(-1)

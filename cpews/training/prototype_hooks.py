@@ -312,9 +312,7 @@ class PrototypeModule:
 
     def _record(self, ctx: StepContext, stats: dict[str, Tensor]) -> None:
         self.last_stats.update(stats)
-        target = getattr(ctx, "stats", None)
-        if isinstance(target, dict):
-            target.update(stats)
+        ctx.stats.update(stats)
 
     def pdl_term(self, ctx: StepContext) -> Tensor:
         pool = self._pool(ctx)
