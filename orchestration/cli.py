@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,6 +134,60 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_resources() -> dict[str, float]:
+    import torch
+
+    return {"cpu": float(os.cpu_count() or 1), "gpu": float(torch.cuda.device_count())}
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops a sweep like Ctrl-C: Tune saves its state and `cpews sweep resume` continues it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
+def _exit_code(outcome) -> int:
+    if outcome.interrupted:
+        return 130
+    return 0 if any(row["status"] == "completed" for row in outcome.rows) else 1
+
+
+def cmd_sweep_run(args: argparse.Namespace) -> int:
+    from orchestration.search_space import load_sweep, smoke
+    from orchestration.sweep import run_sweep
+
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    available = None if (args.address or os.environ.get("RAY_ADDRESS")) else _local_resources()
+    spec = load_sweep(args.file, overrides, available=available)
+    if args.smoke:
+        spec = smoke(spec)
+    _stop_on_sigterm()
+    outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=args.address)
+    return _exit_code(outcome)
+
+
+def cmd_sweep_resume(args: argparse.Namespace) -> int:
+    from orchestration.sweep import resume_sweep
+
+    _stop_on_sigterm()
+    outcome = resume_sweep(args.name, run_dir=Path(args.run_dir), address=args.address)
+    return _exit_code(outcome)
+
+
+def cmd_sweep_leaderboard(args: argparse.Namespace) -> int:
+    from orchestration.sweep import _read_spec, format_leaderboard, load_leaderboard, sweep_paths
+
+    rows = load_leaderboard(args.name, run_dir=Path(args.run_dir))
+    if args.json:
+        print(json.dumps([{k: v for k, v in row.items() if k != "path"} for row in rows], indent=1))
+    else:
+        print(format_leaderboard(rows, _read_spec(sweep_paths(Path(args.run_dir), args.name))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpews",
@@ -187,6 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--crf", action="store_true")
     inf.add_argument("--device", default="auto")
     inf.set_defaults(func=cmd_infer)
+
+    sweep = sub.add_parser("sweep", help="hyperparameter sweeps: Ray Tune + Optuna over K-fold CV, tracked in MLflow")
+    sweeps = sweep.add_subparsers(dest="sweep_command", required=True)
+    run = sweeps.add_parser("run", help="start a sweep from a sweep file (see search_spaces/README.md)")
+    run.add_argument("file", help="a sweep YAML file, or the name of one in search_spaces/ (demo)")
+    run.add_argument("--name", default=None, help="the sweep's name (default: the file's name key or file name)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a sweep-file key (search.num_trials=4) or, under fixed., a config key "
+                          "(fixed.optim.max_iters=100); repeatable")
+    run.add_argument("--smoke", action="store_true",
+                     help="the same sweep shrunk to 2 trials x 2 folds x a few iterations (a quick check)")
+    run.add_argument("--address", default=None, help="a Ray cluster to run on (default: RAY_ADDRESS, else local)")
+    run.add_argument("--run-dir", default="runs", help="where sweeps and the local MLflow store live")
+    run.set_defaults(func=cmd_sweep_run)
+    resume = sweeps.add_parser("resume", help="continue an interrupted sweep")
+    resume.add_argument("name")
+    resume.add_argument("--address", default=None)
+    resume.add_argument("--run-dir", default="runs")
+    resume.set_defaults(func=cmd_sweep_resume)
+    board = sweeps.add_parser("leaderboard", help="the trials of a sweep, best first")
+    board.add_argument("name")
+    board.add_argument("--json", action="store_true", help="print a JSON list of trials")
+    board.add_argument("--run-dir", default="runs")
+    board.set_defaults(func=cmd_sweep_leaderboard)
     return parser
 
 
@@ -195,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cpews.config import ConfigError
 
     expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+    if args.command == "sweep":
+        from orchestration.sweep import SweepError
+
+        expected += (SweepError,)
     try:
         return int(args.func(args) or 0)
     except expected as exc:

@@ -20,7 +20,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_origin
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_OBJECTIVE_METRIC",
     "DISTRIBUTION_KINDS",
     "SEARCH_SPACES_DIR",
+    "DefineByRun",
     "Distribution",
     "FoldSettings",
     "ObjectiveSettings",
@@ -1031,16 +1032,29 @@ def sample_params(spec: SweepSpec, trial: SuggestTrial) -> dict[str, Scalar]:
     return params
 
 
-def optuna_define_by_run(spec: SweepSpec) -> Callable[[Any], None]:
+class DefineByRun:
     """A define-by-run function for `OptunaSearch(space=...)` or `study.optimize`: samples `spec`'s space.
 
     The trial's params (`trial.params`) are then the `sample_params` dict; nothing is returned (no constants).
+    Picklable (Ray Tune pickles its searcher into the experiment state): it keeps the sweep in dict form.
     """
 
-    def define(trial: Any) -> None:
-        sample_params(spec, trial)
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec_dict = spec.to_dict()
+        self._spec: SweepSpec | None = spec
 
-    return define
+    def __call__(self, trial: Any) -> None:
+        if self._spec is None:
+            self._spec = validate_sweep(self.spec_dict, check_paths=False)
+        sample_params(self._spec, trial)
+
+    def __getstate__(self) -> dict:
+        return {"spec_dict": self.spec_dict, "_spec": None}
+
+
+def optuna_define_by_run(spec: SweepSpec) -> DefineByRun:
+    """`DefineByRun(spec)`: the define-by-run sampler of `spec`'s space."""
+    return DefineByRun(spec)
 
 
 def optuna_distributions(spec: SweepSpec, keys: Sequence[str] | None = None) -> dict[str, Any]:
@@ -1089,7 +1103,7 @@ def smoke(spec: SweepSpec) -> SweepSpec:
         "eval.every": 0,
         "eval.max_images": _SMOKE_EVAL_IMAGES,
         "train.log_every": 2,
-        "train.checkpoint_every": 0,
+        "train.checkpoint_every": _SMOKE_MAX_ITERS // 2,  # one mid-fold checkpoint: retries resume from it
         "data.num_workers": 0,
     }
     if cfg.loss.ism_warmup_iters >= 0:

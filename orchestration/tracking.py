@@ -89,6 +89,7 @@ __all__ = [
     "close_dangling_runs",
     "default_tracking_uri",
     "ensure_experiment",
+    "finalize_spool",
     "find_spool_dirs",
     "flush_pending",
     "is_secret_key",
@@ -96,6 +97,7 @@ __all__ = [
     "redact",
     "resolve_store",
     "runs_left_running",
+    "spool_status",
 ]
 
 _log = logging.getLogger(__name__)
@@ -832,6 +834,7 @@ class RunLogger:
         with self._lock:
             self._check_open()
             self._spool.append({"op": "end", "status": status, "end_time": _now_ms()})
+            self._spool.write_meta({**(self._spool.meta or {}), "ended": status})
             self._ended = True
             left = self.flush(timeout_s)
             self._spool.close()
@@ -1054,6 +1057,48 @@ def flush_pending(spool_dir: Path, tracking_uri: str | None = None, *, timeout_s
     if logger is None:
         return 0
     try:
+        return logger.flush(timeout_s)
+    finally:
+        logger.close()
+
+
+def spool_status(spool_dir: Path) -> str | None:
+    """The terminal status a RunLogger recorded in `spool_dir` ("FINISHED", ...), or None while it is open
+    (or when the folder holds no spool)."""
+    meta = _read_json(Path(spool_dir) / _META)
+    return meta.get("ended") if isinstance(meta, dict) else None
+
+
+def finalize_spool(
+    spool_dir: Path,
+    status: Status,
+    tracking_uri: str | None = None,
+    *,
+    timeout_s: float = 30.0,
+    tags: Mapping[str, Any] | None = None,
+) -> int:
+    """End the run of a spool whose writer is gone (a stopped or crashed trial), then deliver what is pending.
+
+    A run that its logger already ended keeps its own status (and `tags` are not set); otherwise `tags` and
+    then `status` are recorded. Returns the
+    records still pending (0: the run is complete in MLflow). Call it only when no RunLogger writes to
+    `spool_dir`.
+    """
+    if status not in _TERMINAL_STATUSES:
+        raise ValueError(f"status must be one of {_TERMINAL_STATUSES}, got {status!r}")
+    logger = RunLogger._attach(
+        Path(spool_dir), tracking_uri, request_timeout_s=min(30.0, max(1.0, timeout_s))
+    )
+    if logger is None:
+        return 0
+    try:
+        meta = logger._spool.meta or {}
+        if not meta.get("ended"):
+            clean = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH, "...") for k, v in redact(tags or {}).items()}
+            if clean:
+                logger._spool.append({"op": "batch", "tags": clean})
+            logger._spool.append({"op": "end", "status": status, "end_time": _now_ms()})
+            logger._spool.write_meta({**meta, "ended": status})
         return logger.flush(timeout_s)
     finally:
         logger.close()

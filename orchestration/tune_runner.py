@@ -1,152 +1,55 @@
-"""Ray Tune sweep runner: one Tune trial = one sampled config trained on every fold in turn.
+"""Ray Tune pieces of a sweep: the searcher, the scheduler, the trainable, the tuner and the trial outcomes.
 
-Each fold is one Tune report (`training_iteration` = folds done), so ASHA can stop a config after its first
-folds. Completed fold scores travel in a small Tune checkpoint (`folds.json`), so a retried or restored trial
-skips them. Trials that ASHA stops early reach Optuna as PRUNED (see `PruningOptunaSearch`), not as COMPLETE
-with a partial score (orchestration-notes.md, "Ray Tune + Optuna").
-
-MLflow tracking is not wired in yet (`orchestration.tracking`).
+One Tune trial = one sampled configuration trained on every fold (`orchestration.trial.cv_trial`). ASHA's time
+attribute is `cv/folds_completed`, so a configuration is judged after whole folds only; trials it stops early
+reach Optuna as PRUNED, and failed trials as FAIL (`PruningOptunaSearch`; Ray's OptunaSearch tells COMPLETE with
+the partial score, see docs/orchestration-notes.md). `TrialRunCloser` ends the MLflow runs of trials that Tune
+stopped or gave up on, from the driver, because a stopped trial never runs its own clean-up.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import statistics
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestration.kfold import fold_splits, split_folds
-from orchestration.search_space import SweepSpec, sample_params, validate_sweep
+from orchestration.search_space import DefineByRun, SweepSpec
+from orchestration.tracking import finalize_spool, find_spool_dirs
+from orchestration.trial import (
+    CV_MEAN,
+    CV_STD,
+    FOLD_END,
+    FOLDS_COMPLETED,
+    SPOOL_DIR,
+    TAG_STATUS,
+    TRIAL_SPOOL,
+    TrialContext,
+    cv_trial,
+    trial_name,
+    trial_params,
+)
 
 __all__ = [
     "CV_MEAN",
     "CV_STD",
-    "FOLDS_COMPLETED",
-    "FOLD_SCORE",
-    "DefineByRun",
     "PruningOptunaSearch",
+    "TrialRunCloser",
+    "close_trial_runs",
+    "make_scheduler",
     "make_searcher",
-    "run_fold_trial",
-    "run_sweep",
+    "make_trainable",
+    "make_tuner",
+    "restore_tuner",
+    "searched_params",
+    "trial_outcome",
 ]
 
-CV_MEAN = "cv/miou_seg_mean"
-CV_STD = "cv/miou_seg_std"
-FOLD_SCORE = "fold/miou_seg"
-FOLDS_COMPLETED = "folds_completed"
-FOLD_STATE_FILE = "folds.json"
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted config keys from a trial config. Ray's OptunaSearch unflattens on "/" only, so the dotted
-    keys arrive flat; nested mappings (e.g. a hand-written `param_space`) are flattened here all the same."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def _cv_metrics(scores: list[float]) -> dict[str, float]:
-    mean = statistics.fmean(scores)
-    std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-    return {CV_MEAN: mean, CV_STD: std}
-
-
-def _load_completed(checkpoint: Any) -> list[float]:
-    if checkpoint is None:
-        return []
-    with checkpoint.as_directory() as directory:
-        state = json.loads((Path(directory) / FOLD_STATE_FILE).read_text())
-    return [float(s) for s in state["fold_scores"]]
-
-
-def run_fold_trial(
-    config: dict,
-    *,
-    spec_dict: dict,
-    folds: list[list[str]],
-    data_dir: str | None = None,
-    crash_once_after_fold: int | None = None,
-) -> None:
-    """Ray Tune function trainable: train `config`'s params on each fold, one `tune.report` per fold.
-
-    `config` holds only the sampled params; the rest comes through `tune.with_parameters`:
-        spec_dict: `SweepSpec.to_dict()` (re-validated here, without path checks).
-        folds: the image-id folds of the spec's fold split.
-        data_dir: `CPEWS_DATA_DIR` for the worker (where the synthetic dataset lives), if set on the driver.
-        crash_once_after_fold: fault injection for tests: raise once after reporting this fold (a marker file
-            in the trial dir remembers it), so that Tune retries the trial from its checkpoint.
-
-    Every fold trained is appended to `<trial dir>/folds_trained.log` (a retry shows which folds it skipped).
-    """
-    from ray import tune
-    from ray.tune import Checkpoint
-
-    from cpews.training import keys, train
-    from cpews.training.data import DATA_DIR_ENV
-
-    if data_dir:
-        os.environ[DATA_DIR_ENV] = data_dir
-    spec = validate_sweep(spec_dict, check_paths=False)
-    params = _flatten(config)
-    cfg = spec.trial_config(params)
-    split = spec.folds.split or cfg.data.train_split
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    scores = _load_completed(tune.get_checkpoint())
-    for i in range(len(scores), len(folds)):
-        train_ids, val_ids = fold_splits(folds, i)
-        result = train(
-            cfg,
-            lambda metrics, checkpoint_dir: None,
-            out_dir=trial_dir / f"fold_{i}",
-            train_ids=train_ids,
-            val_ids=val_ids,
-            val_split=split,
-            progress=False,
-        )
-        score = float(result.metrics[keys.VAL_MIOU_SEG])
-        if not math.isfinite(score):
-            raise RuntimeError(f"fold {i}: non-finite {keys.VAL_MIOU_SEG}={score}")
-        scores.append(score)
-        with tempfile.TemporaryDirectory() as directory:
-            (Path(directory) / FOLD_STATE_FILE).write_text(json.dumps({"fold_scores": scores}))
-            tune.report(
-                {**_cv_metrics(scores), FOLDS_COMPLETED: len(scores), FOLD_SCORE: score, "fold": i},
-                checkpoint=Checkpoint.from_directory(directory),
-            )
-        with open(trial_dir / "folds_trained.log", "a") as log:
-            log.write(f"{i}\n")
-        marker = trial_dir / "crashed_once"
-        if crash_once_after_fold == i and not marker.exists():
-            marker.write_text(str(i))
-            raise RuntimeError(f"injected crash after fold {i}")
-
-
-class DefineByRun:
-    """A picklable define-by-run space (Tune pickles the searcher, so `optuna_define_by_run`'s closure fails)."""
-
-    def __init__(self, spec: SweepSpec) -> None:
-        self.spec_dict = spec.to_dict()
-        self._spec: SweepSpec | None = spec
-
-    def __call__(self, trial: Any) -> None:
-        if self._spec is None:
-            self._spec = validate_sweep(self.spec_dict, check_paths=False)
-        sample_params(self._spec, trial)
-
-    def __getstate__(self) -> dict:
-        return {"spec_dict": self.spec_dict, "_spec": None}
+CHECKPOINTS_KEPT = 2  # per trial: the newest (mid-fold or fold end) and the one before it
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -155,13 +58,24 @@ class PruningOptunaSearch(OptunaSearch):
     Ray's OptunaSearch tells COMPLETE with the last (partial-CV) score when a scheduler stops a trial, so TPE
     would learn from low-fidelity scores. It also tells COMPLETE for an errored trial that had reported a
     score; here an error is always FAIL. Trials that trained every fold keep Ray's behaviour (COMPLETE).
+    Intermediate values reach Optuna once per fold (step = folds completed), not for the reports within a
+    fold (whose CV mean does not change, and is NaN during the first fold).
     """
 
     def __init__(self, *args: Any, num_folds: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.num_folds = num_folds
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not result.get(FOLD_END) or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value = result.get(self.metric)
+        if value is not None and math.isfinite(value):
+            self._ot_trials[trial_id].report(float(value), int(result.get(FOLDS_COMPLETED, 0)))
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self._ot_trials:
+            return
         done = int((result or {}).get(FOLDS_COMPLETED, 0) or 0)
         if trial_id in self._completed_trials or (done >= self.num_folds and not error):
             super().on_trial_complete(trial_id, result, error)
@@ -186,115 +100,133 @@ def make_searcher(spec: SweepSpec) -> PruningOptunaSearch:
     )
 
 
-def _status(error: Any, folds_completed: int, k: int) -> str:
-    if error is not None:
+def make_scheduler(spec: SweepSpec) -> Any:
+    """ASHA over folds (time attribute `cv/folds_completed`, max_t = k) or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.type != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=FOLDS_COMPLETED,  # metric and mode come from TuneConfig
+        max_t=spec.folds.k,
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def make_trainable(spec: SweepSpec, context: TrialContext) -> Any:
+    """`cv_trial` with the sweep's context and per-trial resources."""
+    from ray import tune
+
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    return tune.with_resources(tune.with_parameters(cv_trial, context=context), resources)
+
+
+def trial_outcome(status: str, last_result: Mapping[str, Any] | None, k: int) -> str:
+    """completed | pruned | failed | interrupted | pending, from Tune's trial status and last result."""
+    done = int((last_result or {}).get(FOLDS_COMPLETED, 0) or 0)
+    if status == "ERROR":
         return "failed"
-    return "completed" if folds_completed >= k else "pruned"
+    if status == "TERMINATED":
+        return "completed" if done >= k else "pruned"
+    if status == "PENDING" and not last_result:
+        return "pending"
+    return "interrupted"
 
 
-def run_sweep(
+class TrialRunCloser(Callback):
+    """Ends the MLflow runs of a trial that Tune stopped (pruned), gave up on (failed), or completed.
+
+    A completed trial has ended its runs itself; this only delivers what its spools still hold. A pruned
+    trial's run ends FINISHED with `cpews.status=pruned`, a failed one FAILED; an open fold run ends KILLED
+    (pruned) or FAILED. Delivery here is bounded by `timeout_s` (the Tune loop waits for it); what is left is
+    delivered by the driver at the end of the sweep.
+    """
+
+    def __init__(self, tracking_uri: str, trials_dir: Path, k: int, timeout_s: float = 3.0) -> None:
+        self.tracking_uri, self.trials_dir, self.k, self.timeout_s = tracking_uri, Path(trials_dir), k, timeout_s
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.close(trial, "ERROR" if trial.status == "ERROR" else "TERMINATED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.close(trial, "ERROR")
+
+    def close(self, trial: Any, status: str) -> None:
+        outcome = trial_outcome(status, trial.last_result, self.k)
+        close_trial_runs(self.trials_dir / trial.trial_id, outcome, self.tracking_uri, timeout_s=self.timeout_s)
+
+
+def close_trial_runs(trial_dir: Path, outcome: str, tracking_uri: str | None, *, timeout_s: float) -> int:
+    """End the open MLflow runs under `trial_dir` for `outcome`; returns the records still undelivered."""
+    spools = find_spool_dirs(Path(trial_dir) / SPOOL_DIR)
+    left = 0
+    for spool in spools:
+        is_trial = spool.name == TRIAL_SPOOL
+        if outcome == "failed":
+            status = "FAILED"
+        elif outcome in ("pruned", "completed"):
+            status = "FINISHED" if is_trial else "KILLED"
+        else:  # interrupted: the resumed trial reopens these runs
+            status = "KILLED"
+        tags = {TAG_STATUS: outcome} if is_trial else None
+        left += finalize_spool(spool, status, tracking_uri, timeout_s=timeout_s, tags=tags)
+    return left
+
+
+def make_tuner(
     spec: SweepSpec,
+    context: TrialContext,
     *,
     storage_path: Path,
     name: str,
-    searcher: Any | None = None,
-    num_cpus: int | None = None,
-    trial_kwargs: Mapping[str, Any] | None = None,
-) -> list[dict]:
-    """Run `spec` with Ray Tune + Optuna + ASHA (one report per fold); returns leaderboard rows, best first.
-
-    Args:
-        storage_path / name: Tune's experiment folder is `storage_path / name`; the folds are saved beside it.
-        searcher: an OptunaSearch from `make_searcher(spec)` (default: a new one); pass one to inspect its study.
-        num_cpus: for a local Ray instance started here (default: enough for `max_concurrent` trials); with
-            `RAY_ADDRESS` set, `ray.init()` joins that cluster instead. An initialised Ray is used as it is.
-        trial_kwargs: extra keyword arguments for `run_fold_trial` (tests: `crash_once_after_fold`).
-
-    Rows: trial_id, params (dotted keys), cv mean/std, folds_completed, fold_scores (from the trial's last
-    checkpoint), status (completed / pruned / failed), wall_time_s (Tune's time_total_s), error.
-    """
-    import ray
+    searcher: PruningOptunaSearch | None = None,
+    max_failures: int = 1,
+) -> Any:
+    """A new Tuner for `spec` (experiment folder `storage_path / name`)."""
     from ray import tune
-    from ray.tune import FailureConfig, RunConfig
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.search import ConcurrencyLimiter
 
-    from cpews.training.data import DATA_DIR_ENV, resolve_data_root
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # inside a Ray job / pointed at a cluster: join it
-            ray.init()
-        else:  # a fresh local instance, never a stray one found on the machine
-            wanted = num_cpus or max(1, math.ceil(spec.resources.cpu * spec.search.max_concurrent))
-            ray.init(num_cpus=wanted, include_dashboard=False, address="local")
-    base_cfg = spec.base_train_config()
-    split = spec.folds.split or base_cfg.data.train_split
-    root = resolve_data_root(base_cfg)
-    saved = split_folds(root, base_cfg.data.dataset, split, spec.folds.k, spec.folds.seed)
-    storage_path = Path(storage_path).resolve()
-    storage_path.mkdir(parents=True, exist_ok=True)
-    (storage_path / f"{name}.folds.json").write_text(json.dumps({"folds": saved.folds, "meta": saved.meta}))
-
-    metric, mode, k = spec.objective.metric, spec.objective.mode, spec.folds.k
     searcher = searcher if searcher is not None else make_searcher(spec)
-    search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
-    if spec.scheduler.type == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=k,
-            grace_period=spec.scheduler.grace_period,
-            reduction_factor=spec.scheduler.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            run_fold_trial,
-            spec_dict=spec.to_dict(),
-            folds=saved.folds,
-            data_dir=os.environ.get(DATA_DIR_ENV),
-            **dict(trial_kwargs or {}),
-        ),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-    )
-    tuner = tune.Tuner(
-        trainable,
+    return tune.Tuner(
+        make_trainable(spec, context),
         tune_config=tune.TuneConfig(
-            metric=metric,  # on both the searcher and here (orchestration-notes.md)
-            mode=mode,
-            search_alg=search_alg,
-            scheduler=scheduler,
+            metric=spec.objective.metric,  # on the searcher, the scheduler and here (orchestration-notes.md)
+            mode=spec.objective.mode,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent),
+            scheduler=make_scheduler(spec),
             num_samples=spec.search.num_trials,
             time_budget_s=spec.time_budget_s,
+            reuse_actors=False,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
         ),
         run_config=RunConfig(
-            storage_path=str(storage_path), name=name, failure_config=FailureConfig(max_failures=1)
+            storage_path=str(Path(storage_path).resolve()),
+            name=name,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            callbacks=[TrialRunCloser(context.tracking_uri, Path(context.trials_dir), spec.folds.k)],
+            verbose=1,
         ),
     )
-    results = tuner.fit()
 
-    rows: list[dict] = []
-    for result in results:
-        m = result.metrics or {}
-        done = int(m.get(FOLDS_COMPLETED, 0) or 0)
-        try:
-            fold_scores = _load_completed(result.checkpoint)
-        except (OSError, ValueError, KeyError):
-            fold_scores = []
-        rows.append(
-            {
-                "trial_id": m.get("trial_id") or Path(result.path).name,
-                "params": _flatten(result.config or {}),
-                CV_MEAN: m.get(CV_MEAN),
-                CV_STD: m.get(CV_STD),
-                FOLDS_COMPLETED: done,
-                "fold_scores": fold_scores,
-                "status": _status(result.error, done, k),
-                "wall_time_s": m.get("time_total_s"),
-                "path": result.path,
-                "error": None if result.error is None else repr(result.error),
-            }
-        )
-    sign = -1.0 if mode == "max" else 1.0
-    rows.sort(key=lambda r: (r["status"] != "completed", r[CV_MEAN] is None, sign * (r[CV_MEAN] or 0.0)))
-    return rows
+
+def restore_tuner(spec: SweepSpec, context: TrialContext, *, experiment_dir: Path) -> Any:
+    """`Tuner.restore` of an interrupted sweep: finished trials stay, unfinished ones continue from their
+    checkpoints, the searcher (Optuna study) and the scheduler come back from the experiment state."""
+    from ray import tune
+
+    return tune.Tuner.restore(
+        str(Path(experiment_dir).resolve()),
+        trainable=make_trainable(spec, context),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+    )
+
+
+def searched_params(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The searched params of a Tune trial config, as dotted config keys."""
+    return trial_params(config or {})

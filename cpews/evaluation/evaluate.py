@@ -21,7 +21,7 @@ from cpews.cam import cams_to_labels, multiscale_cams, rescale_images
 from cpews.config import TrainConfig
 from cpews.crf import dense_crf
 from cpews.metrics import ConfusionMeter, multilabel_f1
-from cpews.model import CpewsNet
+from cpews.model import CpewsNet, CpewsOutput
 from cpews.refine import images_for_par, refine_pseudo_labels
 
 SCORE_NAMES = ("cam", "aux_cam", "pseudo", "seg")
@@ -100,6 +100,59 @@ def confounded_label(root: Path | None) -> int | None:
 
 
 @torch.no_grad()
+def predict_label_maps(
+    model: CpewsNet,
+    samples: Sequence[dict[str, Tensor | str]],
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    *,
+    final_protocol: bool = False,
+    crf: bool = False,
+) -> tuple[CpewsOutput, list[dict[str, Tensor]]]:
+    """Label maps of one batch of EvalDataset items at each item's mask size; the model's mode is left as is.
+
+    CAMs and pseudo labels come from the images resized to `eval.size` (§9.2); the segmentation is single
+    scale at that size, or §9.3 on the item's own image when `final_protocol` or `crf` is set.
+
+    Shapes (B items, C foreground classes, S = eval.size, item b with mask (H_b, W_b)):
+        samples: items with "image" (3, H, W) normalised, "labels" (C,), "mask" (H_b, W_b); with `crf` also
+            "rgb" (H, W, 3) uint8.
+        returns: the model output for the (B, 3, S, S) batch (logits (B, C), seg_logits, ...) and per item
+            a dict of (H_b, W_b) int64 label maps on `device`: "cam", "aux_cam", "seg" in 0..C, "pseudo" in
+            0..C and 255 (ignore); with `crf` also "seg_crf".
+    """
+    e, c, r = cfg.eval, cfg.cam, cfg.refine
+    labels = torch.stack([s["labels"] for s in samples]).to(device)
+    fed = torch.cat([_resize_scores(s["image"][None].to(device), (e.size, e.size)) for s in samples])
+    output = model(fed)
+    cams = multiscale_cams(model.cam_logits, fed, labels, c.scales)
+    par_images = images_for_par(fed, cfg.data.norm_mean, cfg.data.norm_std, downscale=r.downscale)
+    pseudo = refine_pseudo_labels(
+        cams.cams, labels, par_images, None, high=c.high_threshold, low=c.low_threshold,
+        downscale=r.downscale, dilations=r.dilations, iters=r.iters, w1=r.w1, w2=r.w2,
+    )
+    maps = []
+    for j, sample in enumerate(samples):
+        size = tuple(sample["mask"].shape)
+        predictions = {
+            "cam": cams_to_labels(_resize_scores(cams.cams[j : j + 1], size), c.bkg_threshold)[0],
+            "aux_cam": cams_to_labels(_resize_scores(cams.aux_cams[j : j + 1], size), c.bkg_threshold)[0],
+            "pseudo": _resize_labels(pseudo[j : j + 1], size)[0],
+        }
+        if final_protocol or crf:
+            image = sample["image"].to(device)[None]
+            scales = e.test_scales if final_protocol else (1.0,)
+            probs = segmentation_probabilities(model, image, scales, size)
+        else:
+            probs = _resize_scores(output.seg_logits[j : j + 1].float(), size)[0].softmax(dim=0)
+        predictions["seg"] = probs.argmax(dim=0)
+        if crf:
+            predictions["seg_crf"] = _crf_labels(sample["rgb"], probs, size, cfg).to(device)
+        maps.append(predictions)
+    return output, maps
+
+
+@torch.no_grad()
 def evaluate(
     model: CpewsNet,
     dataset: torch.utils.data.Dataset,
@@ -129,40 +182,13 @@ def evaluate(
     label = confounded_label(data_root)
     confounder = ConfounderStats(label) if label is not None else None
     all_logits, all_labels = [], []
-    e, c, r = cfg.eval, cfg.cam, cfg.refine
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     for first in range(0, count, batch_size):
         samples = [dataset[i] for i in range(first, min(first + batch_size, count))]
         labels = torch.stack([s["labels"] for s in samples]).to(device)
-        fed = torch.cat(
-            [
-                F.interpolate(s["image"][None].to(device), size=(e.size, e.size), mode="bilinear", align_corners=False)
-                for s in samples
-            ]
-        )
-        output = model(fed)
-        cams = multiscale_cams(model.cam_logits, fed, labels, c.scales)
-        par_images = images_for_par(fed, cfg.data.norm_mean, cfg.data.norm_std, downscale=r.downscale)
-        pseudo = refine_pseudo_labels(
-            cams.cams, labels, par_images, None, high=c.high_threshold, low=c.low_threshold,
-            downscale=r.downscale, dilations=r.dilations, iters=r.iters, w1=r.w1, w2=r.w2,
-        )
-        for j, sample in enumerate(samples):
+        output, maps = predict_label_maps(model, samples, cfg, device, final_protocol=final_protocol, crf=crf)
+        for j, (sample, predictions) in enumerate(zip(samples, maps)):
             mask = sample["mask"].to(device)
-            size = tuple(mask.shape)
-            predictions = {
-                "cam": cams_to_labels(_resize_scores(cams.cams[j : j + 1], size), c.bkg_threshold)[0],
-                "aux_cam": cams_to_labels(_resize_scores(cams.aux_cams[j : j + 1], size), c.bkg_threshold)[0],
-                "pseudo": _resize_labels(pseudo[j : j + 1], size)[0],
-            }
-            if final_protocol or crf:
-                image = sample["image"].to(device)[None]
-                probs = segmentation_probabilities(model, image, e.test_scales if final_protocol else (1.0,), size)
-            else:
-                probs = _resize_scores(output.seg_logits[j : j + 1].float(), size)[0].softmax(dim=0)
-            predictions["seg"] = probs.argmax(dim=0)
-            if crf:
-                predictions["seg_crf"] = _crf_labels(sample["rgb"], probs, size, cfg).to(device)
             for name, pred in predictions.items():
                 meters[name].update(pred, mask)
             if confounder is not None and "confounder_mask" in sample:

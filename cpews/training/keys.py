@@ -37,3 +37,9 @@ def stat_key(name: str) -> str:
 def loss_key(term: str) -> str:
     """`train/loss_<term>` for a loss term name (`cls`, `ism`, `seg`, `pdl`, `ssl`, ...)."""
     return f"train/loss_{term}"
+
+# K-fold cross-validation (written by the sweep's trial, orchestration/trial.py)
+CV_MIOU_SEG_MEAN = "cv/miou_seg_mean"  # mean over the folds trained so far of val/miou_seg (the objective)
+CV_MIOU_SEG_STD = "cv/miou_seg_std"  # their population standard deviation
+CV_FOLDS_COMPLETED = "cv/folds_completed"
+FOLD_MIOU_SEG = "fold/miou_seg"  # val/miou_seg of the fold just finished

@@ -166,7 +166,8 @@ def build_model_pool(
     else:
         pool = _build(cfg, model, dataset, supers, names, device, iteration, meta, progress)
         if cached is not None:
-            save_pool(cached, Pool(pool.tensors, {**pool.meta, "cache": "miss"}))
+            pool = Pool(pool.tensors, {**pool.meta, "cache": "miss"})
+            save_pool(cached, pool)
             if progress:
                 progress(f"pool cache: miss, stored {cached}")
     model.set_pool({key: value.to(device) for key, value in pool.tensors.items()})

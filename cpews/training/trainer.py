@@ -42,6 +42,7 @@ class TrainResult(NamedTuple):
     iterations: int  # optimizer steps taken in total
     metrics: dict[str, float]  # the last validation metrics (val/...)
     wall_time: float  # seconds spent in this call
+    timings: dict[str, float] | None = None  # seconds: setup, steps, eval, report (see `train`)
 
 
 class TrainHooks(NamedTuple):
@@ -187,6 +188,10 @@ def train(
         progress: force the progress bar on or off (default: on when stderr is a terminal).
         hooks: extra loss terms and calls around the loop (default: the prototype module's, unless
             `proto.n_builds` is 0).
+
+    `TrainResult.timings` splits the wall time: `setup_s` (model, data, resume), `steps_s` (batches, forward,
+    backward, hooks such as pool builds, checkpoint writes), `eval_s` (validation) and `report_s` (time inside
+    `reporter`, e.g. a sweep's tracking and Tune reports).
     """
     started = time.perf_counter()
     reporter = reporter or print_reporter
@@ -219,6 +224,14 @@ def train(
     f1_logits: list[torch.Tensor] = []
     f1_labels: list[torch.Tensor] = []
     window_start, window_iters = time.perf_counter(), 0
+    timings = {"setup_s": time.perf_counter() - started, "steps_s": 0.0, "eval_s": 0.0, "report_s": 0.0}
+    outer_reporter = reporter
+
+    def reporter(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        begin = time.perf_counter()
+        outer_reporter(metrics, checkpoint_dir)
+        timings["report_s"] += time.perf_counter() - begin
+
     model.train()
 
     def save(it: int) -> Path:
@@ -229,11 +242,13 @@ def train(
 
     def validate(it: int) -> None:
         nonlocal last_val
+        begin = time.perf_counter()
         result = evaluate(
             model, val_data, cfg, class_names=names, device=device,
             max_images=cfg.eval.max_images, data_root=data_root,
         )
         last_val = validation_metrics(result)
+        timings["eval_s"] += time.perf_counter() - begin
 
     for it, batch in zip(range(start_iter, max_iters), loader):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -296,4 +311,7 @@ def train(
         save(final_iter)
         reporter({**last_val, keys.TRAIN_ITERATION: float(final_iter)}, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(last_val, indent=2, sort_keys=True))
-    return TrainResult(out_dir / "last.pt", final_iter, last_val, time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    loop_s = wall - timings["setup_s"]
+    timings["steps_s"] = max(0.0, loop_s - timings["eval_s"] - timings["report_s"])
+    return TrainResult(out_dir / "last.pt", final_iter, last_val, wall, timings)

@@ -1,0 +1,382 @@
+"""The sweep's trial: one sampled configuration trained and scored on every fold (a Ray Tune function trainable).
+
+`cv_trial(config, context=...)` trains fold 0, 1, ... in turn. It reports to Tune during a fold (every
+`train.log_every` steps, with a checkpoint every `train.checkpoint_every` steps) and once at the end of each fold,
+so that ASHA (time attribute `cv/folds_completed`) can stop a poor configuration after its first folds and a
+retried or restored trial continues from its last checkpoint, mid-fold included.
+
+What a Tune checkpoint of a trial holds (`TrialState`, `trial_state.json`, plus `fold_checkpoint.pt` while a fold
+is in progress): the finished folds' scores, the MLflow run ids of the trial and its folds, the fold in progress
+and the trainer's checkpoint of it, and the accumulated timings.
+
+MLflow: one run per trial (nested under the sweep's run) and one per fold (nested under the trial's run), each
+written through a `RunLogger` whose spool lives in the trial folder (`mlflow/trial`, `mlflow/fold_<i>`). Every
+MLflow call of a fold happens before the Tune report that follows it: a trial that Tune stops is blocked inside
+that report, so the driver can end its runs (`orchestration.tune_runner.TrialRunCloser`) without a second writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+TRIAL_STATE_FILE = "trial_state.json"
+FOLD_CHECKPOINT_FILE = "fold_checkpoint.pt"
+SPOOL_DIR = "mlflow"  # <trial dir>/mlflow/{trial,fold_0,...}: the MLflow spools of the trial's runs
+TRIAL_SPOOL = "trial"
+FAULT_MARKER = "fault_injected"
+
+# Tune result keys beyond the cpews.training.keys metrics (strings here: this module is imported by the driver
+# before torch is needed).
+CV_MEAN = "cv/miou_seg_mean"
+CV_STD = "cv/miou_seg_std"
+FOLDS_COMPLETED = "cv/folds_completed"
+FOLD_SCORE = "fold/miou_seg"
+FOLD_INDEX = "cv/fold"  # the fold the result is about
+FOLD_END = "cv/fold_end"  # 1.0 on the report that closes a fold, else 0.0
+TIME_KEYS = ("time/setup_s", "time/steps_s", "time/eval_s", "time/report_s", "time/artifacts_s")
+
+TAG_KIND = "cpews.kind"  # sweep | trial | fold
+TAG_SWEEP = "cpews.sweep"
+TAG_TRIAL = "cpews.trial_id"
+TAG_FOLD = "cpews.fold"
+TAG_STATUS = "cpews.status"  # trial: completed | pruned | failed | interrupted
+TAG_POOL_CACHE = "cpews.pool_cache"  # fold: hit | miss | none
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares (passed once through `tune.with_parameters`).
+
+    Attributes:
+        sweep: `SweepSpec.to_dict()` (re-validated in the trial, without path checks).
+        folds: the image ids of each fold of `split`.
+        split: the split the folds are cut from (each fold is validated on its own images of that split).
+        workdir: the driver's working directory; relative paths of the config resolve against it.
+        tracking_uri / experiment_id / parent_run_id: the sweep's MLflow store, experiment and run.
+        trials_dir: each trial's folder is `trials_dir/<trial id>` (fold outputs, MLflow spools); it outlives
+            the trial's process and the driver, so a retried or restored trial finds it again.
+        pool_cache_dir: `proto.cache_dir` for every trial (pools shared by content key).
+        overlay_images: CAM / pseudo-label overlays logged per fold (the first ids of the fold, sorted).
+        kill_at: fault injection for tests: `(fold, iteration)` at which the worker SIGKILLs itself, once.
+        crash_after_fold: fault injection for tests: raise once after this fold's report.
+    """
+
+    sweep: dict[str, Any]
+    folds: list[list[str]]
+    split: str
+    workdir: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials_dir: str
+    pool_cache_dir: str = ""
+    overlay_images: int = 4
+    kill_at: tuple[int, int] | None = None
+    crash_after_fold: int | None = None
+
+
+@dataclasses.dataclass
+class TrialState:
+    """The trial's progress, saved in each of its Tune checkpoints."""
+
+    fold_scores: list[float] = dataclasses.field(default_factory=list)
+    trial_run_id: str | None = None
+    fold_run_ids: dict[str, str] = dataclasses.field(default_factory=dict)
+    fold_in_progress: int | None = None
+    fold_iteration: int = 0
+    timings: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(TIME_KEYS, 0.0))
+    pool_cache: dict[str, int] = dataclasses.field(default_factory=lambda: {"hit": 0, "miss": 0})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialState:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def trial_name(trial: Any) -> str:
+    """Tune's trial name and folder name: `trial_<id>` (instead of the function name and every param)."""
+    return f"trial_{trial.trial_id}"
+
+
+def cv_metrics(scores: list[float]) -> dict[str, float]:
+    """Mean and population std of the fold scores so far; NaN mean before the first fold ends."""
+    if not scores:
+        return {CV_MEAN: math.nan, CV_STD: math.nan, FOLDS_COMPLETED: 0.0}
+    std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+    return {CV_MEAN: statistics.fmean(scores), CV_STD: std, FOLDS_COMPLETED: float(len(scores))}
+
+
+def trial_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted config keys of a Tune trial config (Ray's OptunaSearch unflattens on "/" only, so the dotted
+    keys arrive flat; nested mappings, e.g. a hand-written `param_space`, are flattened all the same)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(trial_params(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_trial_state(checkpoint: Any, restore_to: Path) -> tuple[TrialState, Path | None]:
+    """The state in a Tune checkpoint (a fresh one for None) and, when a fold was in progress, its trainer
+    checkpoint copied to `restore_to` (returned as the path to resume from)."""
+    if checkpoint is None:
+        return TrialState(), None
+    with checkpoint.as_directory() as directory:
+        folder = Path(directory)
+        state = TrialState.from_json((folder / TRIAL_STATE_FILE).read_text())
+        resume = None
+        if state.fold_in_progress is not None and (folder / FOLD_CHECKPOINT_FILE).is_file():
+            restore_to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / FOLD_CHECKPOINT_FILE, restore_to)
+            resume = restore_to
+    return state, resume
+
+
+def _report(result: dict[str, float], state: TrialState, trainer_checkpoint: Path | None = None) -> None:
+    """`tune.report(result)` with a checkpoint of `state` (and the fold's trainer checkpoint, if given)."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory(prefix="cpews-ckpt-") as directory:
+        folder = Path(directory)
+        (folder / TRIAL_STATE_FILE).write_text(state.to_json())
+        if trainer_checkpoint is not None:
+            shutil.copyfile(trainer_checkpoint, folder / FOLD_CHECKPOINT_FILE)
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+class FoldReporter:
+    """The trainer's reporter inside a trial: MLflow (fold run at the fold's step, trial run at the trial's
+    step) and Tune (every call; with a checkpoint when the trainer has just written one, except the last)."""
+
+    def __init__(
+        self,
+        *,
+        fold: int,
+        state: TrialState,
+        fold_run: Any,
+        trial_run: Any,
+        max_iters: int,
+        on_iteration: Callable[[int], None] | None = None,
+    ) -> None:
+        self.fold, self.state, self.fold_run, self.trial_run = fold, state, fold_run, trial_run
+        self.max_iters, self.on_iteration = max_iters, on_iteration
+
+    def __call__(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        from cpews.training import keys
+
+        it = int(metrics.get(keys.TRAIN_ITERATION, 0))
+        values = {k: float(v) for k, v in metrics.items() if k != keys.TRAIN_ITERATION}
+        self.fold_run.log_metrics(values, step=it)
+        self.trial_run.log_metrics(values, step=self.fold * self.max_iters + it)
+        result = {
+            **values,
+            keys.TRAIN_ITERATION: float(it),
+            **cv_metrics(self.state.fold_scores),
+            FOLD_INDEX: float(self.fold),
+            FOLD_END: 0.0,
+        }
+        if checkpoint_dir is not None and it < self.max_iters and (Path(checkpoint_dir) / "last.pt").is_file():
+            self.state.fold_in_progress, self.state.fold_iteration = self.fold, it
+            _report(result, self.state, Path(checkpoint_dir) / "last.pt")
+        else:
+            from ray import tune
+
+            tune.report(result)
+        if self.on_iteration is not None:
+            self.on_iteration(it)
+
+
+def _fault_kill(trial_dir: Path, kill_at: tuple[int, int] | None, fold: int) -> Callable[[int], None] | None:
+    """Tests: a callback that SIGKILLs this worker once when `fold` reaches the iteration in `kill_at`."""
+    if kill_at is None or int(kill_at[0]) != fold:
+        return None
+    marker = trial_dir / FAULT_MARKER
+
+    def maybe_kill(iteration: int) -> None:
+        if iteration >= int(kill_at[1]) and not marker.exists():
+            marker.write_text(f"SIGKILL at fold {fold} iteration {iteration}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return maybe_kill
+
+
+def _log_fold_artifacts(fold_run: Any, cfg: Any, out_dir: Path, result: Any, data_root: Path, ids: list[str],
+                        split: str) -> None:
+    """Pool files (+ metadata and picture), overlays of `ids`, the fold's checkpoint, config and metrics."""
+    import torch
+
+    from cpews.evaluation.infer import load_model
+    from cpews.evaluation.overlays import write_overlays
+    from cpews.training.data import eval_dataset
+    from cpews.training.prototype_hooks import POOL_DIR
+
+    pool_dir = out_dir / POOL_DIR
+    if pool_dir.is_dir():
+        fold_run.log_artifacts(pool_dir, "pool")
+    if ids:
+        loaded = load_model(result.checkpoint)
+        dataset = eval_dataset(cfg, data_root, split=split, ids=ids, resize=None)
+        overlays = out_dir / "overlays"
+        with torch.no_grad():
+            write_overlays(loaded.model, dataset, cfg, indices=range(len(dataset)), out_dir=overlays)
+        fold_run.log_artifacts(overlays, "overlays")
+    fold_run.log_artifact(result.checkpoint, "checkpoint")
+    for name in ("config.yaml", "metrics.json"):
+        if (out_dir / name).is_file():
+            fold_run.log_artifact(out_dir / name)
+
+
+def _start_runs(context: TrialContext, state: TrialState, trial_dir: Path, trial_name: str, trial_id: str,
+                cfg: Any, searched: list[str]) -> Any:
+    from orchestration.tracking import RunLogger
+
+    fresh = state.trial_run_id is None and not (trial_dir / SPOOL_DIR / TRIAL_SPOOL / "run.json").exists()
+    run = RunLogger.start(
+        context.tracking_uri,
+        context.experiment_id,
+        run_name=trial_name,
+        spool_dir=trial_dir / SPOOL_DIR / TRIAL_SPOOL,
+        parent_run_id=context.parent_run_id,
+        run_id=state.trial_run_id,
+        tags={
+            TAG_KIND: "trial",
+            TAG_SWEEP: context.sweep["name"],
+            TAG_TRIAL: trial_id,
+            "cpews.searched": ",".join(searched),
+            "cpews.trial_dir": str(trial_dir),
+        },
+    )
+    state.trial_run_id = run.run_id
+    if fresh:
+        run.log_params(cfg.to_flat_dict())
+    return run
+
+
+def cv_trial(config: dict, *, context: TrialContext) -> None:
+    """Ray Tune function trainable: train the sampled `config` on each fold in turn (see the module docstring).
+
+    `config` holds only the sampled params (dotted config keys); everything else comes from `context`.
+    """
+    import torch
+    from ray import tune
+
+    from cpews.config import TrainConfig
+    from cpews.training import keys, train
+    from cpews.training.data import class_names, resolve_data_root
+    from cpews.training.prototype_hooks import PrototypeModule
+    from cpews.training.trainer import TrainHooks
+    from orchestration.kfold import fold_splits
+    from orchestration.search_space import validate_sweep
+    from orchestration.tracking import RunLogger
+
+    started = time.perf_counter()
+    if os.path.isdir(context.workdir):  # Tune starts trials in their own folder; the config's paths are the driver's
+        os.chdir(context.workdir)
+    spec = validate_sweep(context.sweep, check_paths=False)
+    torch.set_num_threads(max(1, round(spec.resources.cpu)))
+    params = trial_params(config)
+    cfg = spec.trial_config(params)
+    if context.pool_cache_dir and not cfg.proto.cache_dir:
+        cfg = TrainConfig.from_flat_dict({"proto.cache_dir": context.pool_cache_dir}, base=cfg)
+    tune_context = tune.get_context()
+    trial_id, trial_name = tune_context.get_trial_id(), tune_context.get_trial_name()
+    trial_dir = Path(context.trials_dir) / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    state, resume = load_trial_state(tune.get_checkpoint(), trial_dir / "restore" / "fold_checkpoint.pt")
+    trial_run = _start_runs(context, state, trial_dir, trial_name, trial_id, cfg, spec.searched_keys())
+    data_root = resolve_data_root(cfg)
+    names = class_names(cfg)
+    k = len(context.folds)
+    state.timings["time/setup_s"] += time.perf_counter() - started
+
+    def say(fold: int, text: str) -> None:
+        print(f"[{trial_name} fold {fold}] {text}", flush=True)
+
+    if len(state.fold_scores) >= k:  # a retry that found every fold done
+        trial_run.set_tags({TAG_STATUS: "completed"})
+        trial_run.end("FINISHED")
+        return
+    for fold in range(len(state.fold_scores), k):
+        fold_started = time.perf_counter()
+        train_ids, val_ids = fold_splits(context.folds, fold)
+        fold_run = RunLogger.start(
+            context.tracking_uri,
+            context.experiment_id,
+            run_name=f"{trial_name}/fold_{fold}",
+            spool_dir=trial_dir / SPOOL_DIR / f"fold_{fold}",
+            parent_run_id=trial_run.run_id,
+            run_id=state.fold_run_ids.get(str(fold)),
+            tags={TAG_KIND: "fold", TAG_SWEEP: spec.name, TAG_TRIAL: trial_id, TAG_FOLD: fold},
+        )
+        if str(fold) not in state.fold_run_ids:
+            fold_run.log_params({**cfg.to_flat_dict(), "cv.fold": fold, "cv.k": k})
+        state.fold_run_ids[str(fold)] = fold_run.run_id
+        module = PrototypeModule(cfg, class_names=names, progress=lambda text, f=fold: say(f, text))
+        hooks = module.hooks() if cfg.proto.n_builds > 0 else TrainHooks()
+        fold_resume = resume if state.fold_in_progress == fold else None
+        if fold_resume is not None:
+            say(fold, f"resuming from the checkpoint at iteration {state.fold_iteration}")
+        reporter = FoldReporter(
+            fold=fold, state=state, fold_run=fold_run, trial_run=trial_run, max_iters=cfg.optim.max_iters,
+            on_iteration=_fault_kill(trial_dir, context.kill_at, fold),
+        )
+        state.timings["time/setup_s"] += time.perf_counter() - fold_started
+        result = train(
+            cfg, reporter, out_dir=trial_dir / f"fold_{fold}", resume=fold_resume, train_ids=train_ids,
+            val_ids=val_ids, val_split=context.split, hooks=hooks, progress=False,
+        )
+        for name, seconds in (result.timings or {}).items():
+            state.timings[f"time/{name}"] = state.timings.get(f"time/{name}", 0.0) + seconds
+        score = float(result.metrics[keys.VAL_MIOU_SEG])
+        if not math.isfinite(score):
+            raise RuntimeError(f"fold {fold}: non-finite {keys.VAL_MIOU_SEG}={score}")
+        artifacts_started = time.perf_counter()
+        cache = (module.last_pool.meta.get("cache") if module.last_pool is not None else None) or "none"
+        if cache in state.pool_cache:
+            state.pool_cache[cache] += 1
+        _log_fold_artifacts(
+            fold_run, cfg, trial_dir / f"fold_{fold}", result, data_root,
+            sorted(val_ids)[: context.overlay_images], context.split,
+        )
+        fold_run.set_tags({TAG_POOL_CACHE: cache})
+        fold_run.end("FINISHED")
+        state.fold_scores.append(score)
+        state.fold_in_progress, state.fold_iteration = None, 0
+        state.timings["time/artifacts_s"] += time.perf_counter() - artifacts_started
+        summary = cv_metrics(state.fold_scores)
+        trial_run.log_metrics({FOLD_SCORE: score}, step=fold)
+        trial_run.log_metrics(
+            {**summary, **state.timings, "pool/cache_hits": state.pool_cache["hit"],
+             "pool/cache_misses": state.pool_cache["miss"]},
+            step=len(state.fold_scores),
+        )
+        if len(state.fold_scores) == k:
+            trial_run.set_tags({TAG_STATUS: "completed"})
+            trial_run.end("FINISHED")
+        say(fold, f"{FOLD_SCORE}={score:.4f}  {CV_MEAN}={summary[CV_MEAN]:.4f} after {len(state.fold_scores)}/{k} folds")
+        _report(
+            {**summary, **state.timings, FOLD_SCORE: score, FOLD_INDEX: float(fold), FOLD_END: 1.0,
+             keys.TRAIN_ITERATION: float(result.iterations)},
+            state,
+        )
+        if context.crash_after_fold == fold and not (trial_dir / FAULT_MARKER).exists():
+            (trial_dir / FAULT_MARKER).write_text(f"crash after fold {fold}\n")
+            raise RuntimeError(f"injected crash after fold {fold}")
