@@ -35,6 +35,7 @@ FOLD_CHECKPOINT_FILE = "fold_checkpoint.pt"
 SPOOL_DIR = "mlflow"  # <trial dir>/mlflow/{trial,fold_0,...}: the MLflow spools of the trial's runs
 TRIAL_SPOOL = "trial"
 FAULT_MARKER = "fault_injected"
+FOLDS_STARTED_LOG = "folds_started.log"
 
 # Tune result keys beyond the cpews.training.keys metrics (strings here: this module is imported by the driver
 # before torch is needed).
@@ -332,8 +333,11 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
         module = PrototypeModule(cfg, class_names=names, progress=lambda text, f=fold: say(f, text))
         hooks = module.hooks() if cfg.proto.n_builds > 0 else TrainHooks()
         fold_resume = resume if state.fold_in_progress == fold else None
+        start_iteration = state.fold_iteration if fold_resume is not None else 0
         if fold_resume is not None:
-            say(fold, f"resuming from the checkpoint at iteration {state.fold_iteration}")
+            say(fold, f"resuming from the checkpoint at iteration {start_iteration}")
+        with open(trial_dir / FOLDS_STARTED_LOG, "a") as log:  # "<fold> <iteration>" per start
+            log.write(f"{fold} {start_iteration}\n")
         reporter = FoldReporter(
             fold=fold, state=state, fold_run=fold_run, trial_run=trial_run, max_iters=cfg.optim.max_iters,
             on_iteration=_fault_kill(trial_dir, context.kill_at, fold),

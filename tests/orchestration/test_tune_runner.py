@@ -1,126 +1,88 @@
-"""The sweep runner: Ray Tune + Optuna + ASHA on the smoke demo sweep (2 trials x 2 folds, CPU), for real."""
+"""Tune pieces of a sweep, driven by hand: the PRUNED-aware Optuna searcher, trial outcomes, ASHA over folds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+import math
 
 import pytest
 
-
-@pytest.fixture
-def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Single-thread torch, a tmp `CPEWS_DATA_DIR`, and a 1-CPU local Ray instance shut down afterwards."""
-    import ray
-
-    from cpews.training.data import DATA_DIR_ENV
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        num_cpus=1,
-        include_dashboard=False,
-        address="local",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+pytestmark = pytest.mark.ray
 
 
-@pytest.mark.ray
 def test_searcher_tells_pruned_for_partial_cv() -> None:
     """PruningOptunaSearch (a real OptunaSearch, driven by hand): partial CV -> PRUNED, full CV -> COMPLETE,
     an error -> FAIL (Ray's own class would say COMPLETE for the first and the last)."""
     import optuna
 
     from orchestration.search_space import load_sweep, smoke
-    from orchestration.tune_runner import CV_MEAN, FOLDS_COMPLETED, make_searcher
+    from orchestration.trial import CV_MEAN, FOLD_END, FOLDS_COMPLETED
+    from orchestration.tune_runner import make_searcher
 
     spec = smoke(load_sweep("demo", check_paths=False))
     searcher = make_searcher(spec)
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert set(first) == set(spec.searched_keys())  # dotted keys (Ray unflattens on "/", not ".")
     assert first != second
-    searcher.on_trial_result("a", {CV_MEAN: 0.3, FOLDS_COMPLETED: 1, "training_iteration": 1})
-    searcher.on_trial_complete("a", {CV_MEAN: 0.3, FOLDS_COMPLETED: 1, "training_iteration": 1})
-    searcher.on_trial_complete("b", {CV_MEAN: 0.4, FOLDS_COMPLETED: spec.folds.k, "training_iteration": 2})
+    searcher.on_trial_result("a", {CV_MEAN: 0.3, FOLDS_COMPLETED: 1, FOLD_END: 1.0, "training_iteration": 5})
+    searcher.on_trial_complete("a", {CV_MEAN: 0.3, FOLDS_COMPLETED: 1, "training_iteration": 5})
+    searcher.on_trial_complete("b", {CV_MEAN: 0.4, FOLDS_COMPLETED: spec.folds.k, "training_iteration": 9})
     searcher.suggest("c")
-    searcher.on_trial_complete("c", {CV_MEAN: 0.5, FOLDS_COMPLETED: 1, "training_iteration": 1}, error=True)
-    states = [t.state for t in searcher._ot_study.get_trials(deepcopy=False)]
+    searcher.on_trial_complete("c", {CV_MEAN: 0.5, FOLDS_COMPLETED: 1, "training_iteration": 5}, error=True)
+    trials = searcher._ot_study.get_trials(deepcopy=False)
     State = optuna.trial.TrialState
-    assert states == [State.PRUNED, State.COMPLETE, State.FAIL]
+    assert [t.state for t in trials] == [State.PRUNED, State.COMPLETE, State.FAIL]
+    assert trials[0].intermediate_values == {1: 0.3}
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_micro_sweep_asha_prunes_through_optuna(ray_local: None, tmp_path: Path) -> None:
-    """2 trials x 2 folds, run once per objective mode with the same seeds (so the same two configs and fold
-    scores): ASHA (grace 1, factor 2) stops the second trial in exactly one of the two modes unless both
-    fold-1 scores tie, so the PRUNED path is exercised whatever the scores are."""
-    import optuna
+def test_searcher_reports_fold_ends_only() -> None:
+    """Reports inside a fold (NaN CV mean during the first fold) do not reach Optuna; fold ends do, keyed by
+    the number of folds done."""
+    from orchestration.search_space import load_sweep, smoke
+    from orchestration.trial import CV_MEAN, FOLD_END, FOLDS_COMPLETED
+    from orchestration.tune_runner import make_searcher
+
+    searcher = make_searcher(smoke(load_sweep("demo", check_paths=False)))
+    searcher.suggest("a")
+    for i, (mean, done, end) in enumerate([(math.nan, 0, 0.0), (0.2, 1, 1.0), (0.2, 1, 0.0), (0.25, 2, 1.0)]):
+        searcher.on_trial_result("a", {CV_MEAN: mean, FOLDS_COMPLETED: done, FOLD_END: end, "training_iteration": i})
+    (trial,) = searcher._ot_study.get_trials(deepcopy=False)
+    assert trial.intermediate_values == {1: 0.2, 2: 0.25}
+
+
+@pytest.mark.parametrize(
+    ("status", "last", "expected"),
+    [
+        ("TERMINATED", {"cv/folds_completed": 3}, "completed"),
+        ("TERMINATED", {"cv/folds_completed": 1}, "pruned"),
+        ("ERROR", {"cv/folds_completed": 3}, "failed"),
+        ("RUNNING", {"cv/folds_completed": 1}, "interrupted"),
+        ("PAUSED", {}, "interrupted"),
+        ("PENDING", {}, "pending"),
+    ],
+)
+def test_trial_outcome(status: str, last: dict, expected: str) -> None:
+    from orchestration.tune_runner import trial_outcome
+
+    assert trial_outcome(status, last, 3) == expected
+
+
+def test_asha_stops_on_fold_boundaries_only() -> None:
+    """ASHA's time attribute is the number of finished folds: reports inside a fold never stop a trial, and
+    the second of two trials is stopped after fold 1 when it is worse (grace 1, factor 2)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
 
     from orchestration.search_space import load_sweep, smoke
-    from orchestration.tune_runner import CV_MEAN, FOLDS_COMPLETED, make_searcher, run_sweep
+    from orchestration.trial import CV_MEAN, FOLDS_COMPLETED
+    from orchestration.tune_runner import make_scheduler
 
-    statuses: list[str] = []
-    first_fold: dict[str, list[float]] = {}
-    for mode in ("max", "min"):
-        spec = smoke(load_sweep("demo", [f"objective.mode={mode}"], check_paths=False))
-        assert (spec.search.num_trials, spec.folds.k, spec.search.max_concurrent) == (2, 2, 1)
-        searcher = make_searcher(spec)
-        rows = run_sweep(spec, storage_path=tmp_path / "ray", name=f"micro-{mode}", searcher=searcher)
-
-        assert len(rows) == 2
-        assert (tmp_path / "ray" / f"micro-{mode}").is_dir()
-        study_trials = searcher._ot_study.get_trials(deepcopy=False)
-        assert len(study_trials) == 2
-        by_params = {tuple(sorted(t.params.items())): t for t in study_trials}
-        for row in rows:
-            assert row["error"] is None, row["error"]
-            assert 1 <= row[FOLDS_COMPLETED] <= spec.folds.k
-            assert 0.0 <= row[CV_MEAN] <= 1.0
-            assert row["status"] in {"completed", "pruned"}
-            assert (row["status"] == "completed") == (row[FOLDS_COMPLETED] == spec.folds.k)
-            assert len(row["fold_scores"]) == row[FOLDS_COMPLETED]
-            assert row[CV_MEAN] == pytest.approx(sum(row["fold_scores"]) / len(row["fold_scores"]))
-            assert set(row["params"]) == set(spec.searched_keys())
-            ot_trial = by_params[tuple(sorted(row["params"].items()))]
-            pruned = row[FOLDS_COMPLETED] < spec.folds.k
-            expected = optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE
-            assert ot_trial.state == expected, (mode, row, ot_trial.state)
-            statuses.append(row["status"])
-            first_fold.setdefault(str(sorted(row["params"].items())), []).append(row["fold_scores"][0])
-
-    fold1 = [scores[0] for scores in first_fold.values()]
-    assert len(fold1) == 2  # the same two configs in both modes (seeded sampler)
-    print("statuses:", statuses, "first-fold scores:", first_fold)
-    if fold1[0] != fold1[1]:
-        assert statuses.count("pruned") == 1, (statuses, first_fold)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_retried_trial_skips_completed_folds(ray_local: None, tmp_path: Path) -> None:
-    """A trial that crashes after fold 0 is retried (max_failures=1) from its checkpoint and trains fold 1 only."""
-    from orchestration.search_space import load_sweep, smoke, validate_sweep
-    from orchestration.tune_runner import FOLDS_COMPLETED, run_sweep
-
-    data = smoke(load_sweep("demo", check_paths=False)).to_dict()
-    data["search"]["num_trials"] = 1  # smoke() sets 2 trials; one is enough here
-    data["scheduler"]["type"] = "fifo"
-    spec = validate_sweep(data, check_paths=False)
-    rows = run_sweep(
-        spec, storage_path=tmp_path / "ray", name="retry", trial_kwargs={"crash_once_after_fold": 0}
-    )
-
-    assert len(rows) == 1
-    row = rows[0]
-    assert row["error"] is None, row["error"]
-    assert (row["status"], row[FOLDS_COMPLETED], len(row["fold_scores"])) == ("completed", 2, 2)
-    assert (Path(row["path"]) / "crashed_once").exists()
-    assert (Path(row["path"]) / "folds_trained.log").read_text().split() == ["0", "1"]
+    spec = smoke(load_sweep("demo", check_paths=False))
+    scheduler = make_scheduler(spec)
+    scheduler.set_search_properties(spec.objective.metric, spec.objective.mode)
+    good, bad = Trial("cv_trial", stub=True), Trial("cv_trial", stub=True)
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, good, {CV_MEAN: math.nan, FOLDS_COMPLETED: 0}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, good, {CV_MEAN: 0.6, FOLDS_COMPLETED: 1}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {CV_MEAN: math.nan, FOLDS_COMPLETED: 0}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {CV_MEAN: 0.2, FOLDS_COMPLETED: 1}) == TrialScheduler.STOP

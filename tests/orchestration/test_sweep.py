@@ -1,0 +1,292 @@
+"""Sweeps end to end, for real: a local Ray instance, Optuna, ASHA, the trainer on the synthetic data, MLflow.
+
+Every sweep here is the smoke version of `search_spaces/demo.yaml` (2 trials x 2 folds x 8 iterations, one
+trial at a time), about 30 s each on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def smoke_spec(*overrides: str, name: str = "micro"):
+    """The smoke demo sweep, then `overrides` (sweep-file `key=value`, applied after the shrinking)."""
+    from orchestration.search_space import apply_overrides, load_sweep, smoke, validate_sweep
+
+    data = smoke(load_sweep("demo", check_paths=False)).to_dict()
+    data = apply_overrides(data, [*overrides, f"name={name}", f"tracking.experiment={name}"])
+    return validate_sweep(data, check_paths=False)
+
+
+def sweep_runs(uri: str, experiment: str) -> list:
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
+
+
+def run_tree(runs: list) -> tuple[list, list, list]:
+    """(sweep runs, trial runs, fold runs), each checked to hang under the right parent."""
+    by_kind: dict[str, list] = {"sweep": [], "trial": [], "fold": []}
+    for run in runs:
+        by_kind[run.data.tags["cpews.kind"]].append(run)
+    ids = {kind: {r.info.run_id for r in rs} for kind, rs in by_kind.items()}
+    for run in by_kind["trial"]:
+        assert run.data.tags["mlflow.parentRunId"] in ids["sweep"]
+    for run in by_kind["fold"]:
+        assert run.data.tags["mlflow.parentRunId"] in ids["trial"]
+    return by_kind["sweep"], by_kind["trial"], by_kind["fold"]
+
+
+@pytest.fixture
+def ray_env(monkeypatch: pytest.MonkeyPatch, synthetic_data_dir: Path) -> Iterator[None]:
+    """One thread per trial; no MLFLOW_TRACKING_URI unless the test sets one; no Ray left running."""
+    import ray
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_micro_sweep_against_tracking_server_with_outage(
+    ray_env: None, live_mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real `mlflow server`, stopped for a while once the first fold has trained: nothing is lost, the run
+    tree, params, metrics and artifacts are all there, nothing stays RUNNING; and the second trial's pools come
+    from the cache, because the space only searches a weight that acts after the pool build."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.sweep import run_sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", live_mlflow_server.uri)
+    spec = smoke_spec(
+        "space={loss.pdl_weight: {loguniform: [0.03, 0.3]}}", "scheduler.type=fifo", name="micro-server"
+    )
+    trials_dir = tmp_path / "runs" / "sweeps" / spec.name / "trials"
+    outage: dict[str, float] = {}
+
+    def stop_server_after_first_fold() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(trials_dir.glob("*/fold_0/metrics.json")):
+            time.sleep(0.1)
+        outage["stopped"] = time.monotonic()
+        live_mlflow_server.stop()
+        time.sleep(5)
+        live_mlflow_server.start()
+        outage["started"] = time.monotonic()
+
+    watcher = threading.Thread(target=stop_server_after_first_fold, daemon=True)
+    watcher.start()
+    outcome = run_sweep(spec, run_dir=tmp_path / "runs", out=lambda line: None)
+    watcher.join(timeout=120)
+    assert "started" in outage, "the outage did not happen"
+
+    assert not outcome.interrupted
+    assert [row["status"] for row in outcome.rows] == ["completed", "completed"]
+    sweep, trials, folds = run_tree(sweep_runs(live_mlflow_server.uri, spec.name))
+    assert (len(sweep), len(trials), len(folds)) == (1, 2, 4)
+    assert {r.info.status for r in sweep + trials + folds} == {"FINISHED"}
+    assert Counter(r.info.run_name for r in folds) == Counter(
+        f"trial_{row['trial']}/fold_{i}" for row in outcome.rows for i in range(2)
+    )
+
+    # params: the full flat config, the same keys on every trial, scalars as text
+    keys = {frozenset(r.data.params) for r in trials}
+    assert len(keys) == 1
+    assert {"loss.pdl_weight", "proto.num_prototypes", "optim.max_iters"} <= set(next(iter(keys)))
+    assert len({r.data.params["loss.pdl_weight"] for r in trials}) == 2
+    client = MlflowClient(live_mlflow_server.uri)
+    for row in outcome.rows:
+        run = client.get_run(row["mlflow_run_id"])
+        assert run.data.metrics["cv/miou_seg_mean"] == pytest.approx(row["cv_miou_mean"])
+        assert run.data.tags["cpews.status"] == "completed"
+        history = client.get_metric_history(run.info.run_id, "fold/miou_seg")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(row["fold_scores"])
+
+    # fold runs: per-step training metrics, final validation, pool + overlays + checkpoint artifacts
+    cache = {}
+    for run in folds:
+        run_id = run.info.run_id
+        assert len(client.get_metric_history(run_id, "train/loss")) == 4  # log_every 2 over 8 iterations
+        assert "val/miou_seg" in run.data.metrics
+        names = {a.path for a in client.list_artifacts(run_id)}
+        assert {"pool", "overlays", "checkpoint", "config.yaml", "metrics.json"} <= names
+        pool_files = {Path(a.path).name for a in client.list_artifacts(run_id, "pool")}
+        assert {"pool.pt", "pool.json", "pool.png"} <= pool_files
+        assert len(client.list_artifacts(run_id, "overlays")) == 4
+        assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/last.pt"]
+        cache[run.info.run_name] = run.data.tags["cpews.pool_cache"]
+    first, second = (f"trial_{row['trial']}" for row in sorted(outcome.rows, key=lambda r: r["path"]))
+    by_trial = {name.split("/")[0] for name in cache}
+    assert by_trial == {first, second}
+    # the trial that ran first built (miss) both fold pools; the other found them in the cache (hit)
+    misses = {name.split("/")[0] for name, value in cache.items() if value == "miss"}
+    hits = {name.split("/")[0] for name, value in cache.items() if value == "hit"}
+    assert len(misses) == 1 and len(hits) == 1 and misses != hits, cache
+    assert sorted(cache.values()) == ["hit", "hit", "miss", "miss"]
+
+    # the sweep run: settings, folds, leaderboard; and the CLI leaderboard agrees
+    parent = sweep[0]
+    assert parent.data.params["sweep.folds.k"] == "2"
+    assert {"folds.json", "sweep.yaml", "leaderboard.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    printed = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "sweep", "leaderboard", spec.name, "--json",
+         "--run-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    )
+    board = json.loads(printed.stdout)
+    assert [(r["trial"], r["status"], r["folds_completed"]) for r in board] == [
+        (r["trial"], r["status"], r["folds_completed"]) for r in outcome.rows
+    ]
+    assert board[0]["cv_miou_mean"] == pytest.approx(outcome.rows[0]["cv_miou_mean"])
+    assert set(board[0]["params"]) == {"loss.pdl_weight"}
+
+
+def test_asha_pruned_trial_reaches_optuna_as_pruned(ray_env: None, tmp_path: Path) -> None:
+    """The same two configurations (seeded TPE) and fold scores in both objective modes: ASHA (grace 1,
+    factor 2) stops the second trial after its first fold in exactly one mode (unless the scores tie); that
+    trial is PRUNED in Optuna's study, `pruned` on the leaderboard, and its MLflow run is not left open."""
+    import optuna
+
+    from orchestration.sweep import run_sweep
+    from orchestration.tune_runner import make_searcher
+
+    statuses = []
+    for mode in ("max", "min"):
+        spec = smoke_spec(f"objective.mode={mode}", name=f"prune-{mode}")
+        searcher = make_searcher(spec)
+        from orchestration import tune_runner
+
+        original = tune_runner.make_searcher
+        tune_runner.make_searcher = lambda _spec, s=searcher: s  # keep a handle on the study
+        try:
+            outcome = run_sweep(spec, run_dir=tmp_path / "runs", out=lambda line: None)
+        finally:
+            tune_runner.make_searcher = original
+        study = {tuple(sorted(t.params.items())): t.state for t in searcher._ot_study.get_trials(deepcopy=False)}
+        assert len(study) == 2
+        for row in outcome.rows:
+            expected = optuna.trial.TrialState.COMPLETE if row["status"] == "completed" else optuna.trial.TrialState.PRUNED
+            assert row["status"] in ("completed", "pruned")
+            assert (row["status"] == "pruned") == (row["folds_completed"] < 2)
+            assert study[tuple(sorted(row["params"].items()))] == expected
+            statuses.append((mode, row["status"], row["fold_scores"][0]))
+        sweep, trials, folds = run_tree(sweep_runs(outcome.tracking_uri, spec.name))
+        assert {r.info.status for r in sweep + trials + folds} == {"FINISHED"}
+        assert sorted(r.data.tags["cpews.status"] for r in trials) == sorted(r["status"] for r in outcome.rows)
+        assert len(folds) == sum(r["folds_completed"] for r in outcome.rows)
+    first_fold = {score for _, _, score in statuses}
+    if len(first_fold) == 2:
+        assert [s for _, s, _ in statuses].count("pruned") == 1, statuses
+
+
+def test_killed_worker_is_retried_from_its_mid_fold_checkpoint(ray_env: None, tmp_path: Path) -> None:
+    """The trial's worker process SIGKILLs itself in fold 1 after the checkpoint at iteration 4: Tune retries
+    the trial, which skips fold 0 and continues fold 1 from iteration 4, in the same MLflow runs."""
+    from orchestration.sweep import run_sweep
+
+    spec = smoke_spec("search.num_trials=1", "scheduler.type=fifo", name="sigkill")
+    outcome = run_sweep(spec, run_dir=tmp_path / "runs", out=lambda line: None, faults={"kill_at": (1, 5)})
+
+    (row,) = outcome.rows
+    assert (row["status"], row["folds_completed"], len(row["fold_scores"])) == ("completed", 2, 2)
+    trial_dir = Path(row["path"])
+    assert "SIGKILL at fold 1" in (trial_dir / "fault_injected").read_text()
+    assert (trial_dir / "folds_started.log").read_text().split("\n")[:3] == ["0 0", "1 0", "1 4"]
+    sweep, trials, folds = run_tree(sweep_runs(outcome.tracking_uri, spec.name))
+    assert (len(trials), len(folds)) == (1, 2)
+    assert {r.info.status for r in sweep + trials + folds} == {"FINISHED"}
+
+
+def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the sweep exited ({process.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_stopped_driver_resumes_without_duplicates(ray_env: None, tmp_path: Path) -> None:
+    """`cpews sweep run` is stopped (SIGINT) once its second trial has checkpointed; `cpews sweep resume`
+    finishes the sweep: the first trial is not trained again, the second continues from its checkpoint, every
+    trial and fold has one MLflow run, and none is left RUNNING (after the stop, nor after the resume)."""
+    import yaml
+
+    spec = smoke_spec("scheduler.type=fifo", name="resume-me")
+    data = spec.to_dict()
+    data["fixed"].update({"optim.max_iters": 40, "train.checkpoint_every": 10, "proto.build_iter": 20})
+    sweep_file = tmp_path / "resume-me.yaml"
+    sweep_file.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "orchestration.cli", "sweep"]
+    root = run_dir / "sweeps" / "resume-me"
+    with open(tmp_path / "run.log", "w") as log:
+        process = subprocess.Popen([*command, "run", str(sweep_file), "--run-dir", str(run_dir)], cwd=REPO,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def second_trial_checkpointed() -> bool:
+                return len([d for d in (root / "tune").glob("trial_*") if list(d.glob("checkpoint_*"))]) >= 2
+
+            _wait_for(second_trial_checkpointed, 300, "the second trial's first checkpoint", process)
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert code == 130, (tmp_path / "run.log").read_text()[-3000:]
+    before = {p.parent.name: p.read_text().split("\n")[:-1] for p in (root / "trials").glob("*/folds_started.log")}
+    assert len(before) == 2, before
+    uri = f"sqlite:///{run_dir.resolve() / 'mlflow' / 'mlflow.db'}"
+    sweep, trial_runs, folds = run_tree(sweep_runs(uri, "resume-me"))
+    assert "RUNNING" not in {r.info.status for r in sweep + trial_runs + folds}
+
+    resumed = subprocess.run([*command, "resume", "resume-me", "--run-dir", str(run_dir)], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    board = json.loads(subprocess.run(
+        [*command, "leaderboard", "resume-me", "--json", "--run-dir", str(run_dir)], cwd=REPO, env=env,
+        capture_output=True, text=True, check=True).stdout)
+    assert [r["status"] for r in board] == ["completed", "completed"]
+    sweep, trial_runs, folds = run_tree(sweep_runs(uri, "resume-me"))
+    assert (len(sweep), len(trial_runs), len(folds)) == (1, 2, 4)
+    assert len({r.info.run_name for r in folds}) == 4
+    assert {r.info.status for r in sweep + trial_runs + folds} == {"FINISHED"}
+    after = {p.parent.name: p.read_text().split("\n")[:-1] for p in (root / "trials").glob("*/folds_started.log")}
+    finished = [t for t, lines in before.items() if (root / "trials" / t / "fold_1" / "metrics.json").exists()
+                and lines == ["0 0", "1 0"]]
+    assert len(finished) == 1, before
+    assert after[finished[0]] == before[finished[0]]  # not trained again
+    (stopped,) = set(before) - set(finished)
+    new = after[stopped][len(before[stopped]):]
+    assert after[stopped][: len(before[stopped])] == before[stopped] and new, (before, after)
+    fold, iteration = map(int, new[0].split())
+    last_fold = int(before[stopped][-1].split()[0])
+    assert iteration > 0 or fold > last_fold, (before[stopped], new)  # continued, not restarted
