@@ -6,8 +6,12 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pins that install from local wheels here and from PyPI elsewhere (see README).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+SPACE ?= search_spaces/demo.yaml
+SWEEP_ARGS ?=
+RUN_DIR ?= runs
+UI_PORT ?= 5000
 
-.PHONY: install test test-all lint train eval clean
+.PHONY: install test test-all lint train sweep ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +33,16 @@ lint: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/cpews train --out runs/train
+
+sweep: $(STAMP)
+	$(VENV)/bin/cpews sweep run $(SPACE) --run-dir $(RUN_DIR) $(SWEEP_ARGS)
+
+# The MLflow UI over the local store that `make sweep` writes (MLFLOW_TRACKING_URI, when set, is a server already).
+ui: $(STAMP)
+	mkdir -p $(RUN_DIR)/mlflow
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
+		--backend-store-uri sqlite:///$(abspath $(RUN_DIR))/mlflow/mlflow.db \
+		--default-artifact-root file://$(abspath $(RUN_DIR))/mlflow/artifacts
 
 clean:
 	rm -rf runs .pytest_cache

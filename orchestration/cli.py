@@ -155,7 +155,7 @@ def _exit_code(outcome) -> int:
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
     from orchestration.search_space import load_sweep, smoke
-    from orchestration.sweep import run_sweep
+    from orchestration.sweep import next_free_name, run_sweep
 
     overrides = list(args.overrides)
     if args.name:
@@ -164,6 +164,8 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     spec = load_sweep(args.file, overrides, available=available)
     if args.smoke:
         spec = smoke(spec)
+    if not args.name:  # `make sweep` again: a new sweep beside the old one, not an error
+        spec = next_free_name(spec, Path(args.run_dir))
     _stop_on_sigterm()
     outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=args.address)
     return _exit_code(outcome)

@@ -39,7 +39,16 @@ from orchestration.tracking import (
     resolve_store,
     runs_left_running,
 )
-from orchestration.trial import CV_MEAN, CV_STD, FOLDS_COMPLETED, TAG_KIND, TAG_SWEEP, TIME_KEYS, TrialContext
+from orchestration.trial import (
+    CV_MEAN,
+    CV_STD,
+    FIRST_STEP_AT,
+    FOLDS_COMPLETED,
+    TAG_KIND,
+    TAG_SWEEP,
+    TIME_KEYS,
+    TrialContext,
+)
 
 __all__ = [
     "SweepError",
@@ -48,6 +57,7 @@ __all__ = [
     "format_leaderboard",
     "leaderboard_rows",
     "load_leaderboard",
+    "next_free_name",
     "resume_sweep",
     "run_sweep",
     "sweep_paths",
@@ -97,6 +107,21 @@ def sweep_paths(run_dir: Path, name: str) -> SweepPaths:
         parent_spool=root / "mlflow_spool",
         leaderboard=root / "leaderboard.json",
     )
+
+
+def next_free_name(spec: SweepSpec, run_dir: Path) -> SweepSpec:
+    """`spec`, renamed `<name>-2`, `<name>-3`, ... when a sweep of its name exists under `run_dir` (its MLflow
+    experiment follows when it was named after the sweep)."""
+    if not sweep_paths(run_dir, spec.name).root.exists():
+        return spec
+    n = 2
+    while sweep_paths(run_dir, f"{spec.name}-{n}").root.exists():
+        n += 1
+    data = spec.to_dict()
+    data["name"] = f"{spec.name}-{n}"
+    if spec.tracking.experiment == spec.name:
+        data["tracking"] = {"experiment": data["name"]}
+    return validate_sweep(data, source=spec.source, check_paths=False)
 
 
 def _code_version() -> dict[str, str]:
@@ -413,7 +438,7 @@ def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]
             "mlflow_run_id": run_id or trial_state.get("trial_run_id"),
             "error": _error_text(trial) if status == "failed" else None,
             "path": str(trial_dir),
-            "timings": {k: last[k] for k in TIME_KEYS if k in last},
+            "timings": {k: last[k] for k in (*TIME_KEYS, FIRST_STEP_AT) if k in last},
         })
     sign = -1.0 if spec.objective.mode == "max" else 1.0
     order = {"completed": 0, "pruned": 1, "interrupted": 2, "pending": 3, "failed": 4}

@@ -46,6 +46,7 @@ FOLD_SCORE = "fold/miou_seg"
 FOLD_INDEX = "cv/fold"  # the fold the result is about
 FOLD_END = "cv/fold_end"  # 1.0 on the report that closes a fold, else 0.0
 TIME_KEYS = ("time/setup_s", "time/steps_s", "time/eval_s", "time/report_s", "time/artifacts_s")
+FIRST_STEP_AT = "time/first_step_epoch"  # Unix time at which the trial's first training step began
 
 TAG_KIND = "cpews.kind"  # sweep | trial | fold
 TAG_SWEEP = "cpews.sweep"
@@ -347,7 +348,11 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
             cfg, reporter, out_dir=trial_dir / f"fold_{fold}", resume=fold_resume, train_ids=train_ids,
             val_ids=val_ids, val_split=context.split, hooks=hooks, progress=False,
         )
-        for name, seconds in (result.timings or {}).items():
+        timings = dict(result.timings or {})
+        if FIRST_STEP_AT not in state.timings and "loop_start_epoch" in timings:
+            state.timings[FIRST_STEP_AT] = timings["loop_start_epoch"]
+        timings.pop("loop_start_epoch", None)
+        for name, seconds in timings.items():
             state.timings[f"time/{name}"] = state.timings.get(f"time/{name}", 0.0) + seconds
         score = float(result.metrics[keys.VAL_MIOU_SEG])
         if not math.isfinite(score):

@@ -42,7 +42,7 @@ class TrainResult(NamedTuple):
     iterations: int  # optimizer steps taken in total
     metrics: dict[str, float]  # the last validation metrics (val/...)
     wall_time: float  # seconds spent in this call
-    timings: dict[str, float] | None = None  # seconds: setup, steps, eval, report (see `train`)
+    timings: dict[str, float] | None = None  # seconds: setup, steps, eval, report; loop start (see `train`)
 
 
 class TrainHooks(NamedTuple):
@@ -191,7 +191,8 @@ def train(
 
     `TrainResult.timings` splits the wall time: `setup_s` (model, data, resume), `steps_s` (batches, forward,
     backward, hooks such as pool builds, checkpoint writes), `eval_s` (validation) and `report_s` (time inside
-    `reporter`, e.g. a sweep's tracking and Tune reports).
+    `reporter`, e.g. a sweep's tracking and Tune reports); `loop_start_epoch` is the wall-clock time (Unix
+    seconds) at which the first step began.
     """
     started = time.perf_counter()
     reporter = reporter or print_reporter
@@ -224,7 +225,8 @@ def train(
     f1_logits: list[torch.Tensor] = []
     f1_labels: list[torch.Tensor] = []
     window_start, window_iters = time.perf_counter(), 0
-    timings = {"setup_s": time.perf_counter() - started, "steps_s": 0.0, "eval_s": 0.0, "report_s": 0.0}
+    timings = {"setup_s": time.perf_counter() - started, "steps_s": 0.0, "eval_s": 0.0, "report_s": 0.0,
+               "loop_start_epoch": time.time()}
     outer_reporter = reporter
 
     def reporter(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
