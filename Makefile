@@ -10,8 +10,10 @@ SPACE ?= search_spaces/demo.yaml
 SWEEP_ARGS ?=
 RUN_DIR ?= runs
 UI_PORT ?= 5000
+SWEEP ?=
+PROMOTE_ARGS ?=
 
-.PHONY: install test test-all lint train sweep ui clean
+.PHONY: install test test-all lint train sweep ui promote clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,10 @@ train: $(STAMP)
 
 sweep: $(STAMP)
 	$(VENV)/bin/cpews sweep run $(SPACE) --run-dir $(RUN_DIR) $(SWEEP_ARGS)
+
+# Refit the best configuration of SWEEP (default: the latest sweep), score it, register it, gate @champion.
+promote: $(STAMP)
+	$(VENV)/bin/cpews promote $(SWEEP) --run-dir $(RUN_DIR) $(PROMOTE_ARGS)
 
 # The MLflow UI over the local store that `make sweep` writes (MLFLOW_TRACKING_URI, when set, is a server already).
 ui: $(STAMP)

@@ -127,10 +127,44 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from cpews.evaluation import infer_files, load_model
     from cpews.training.trainer import select_device
 
-    loaded = load_model(args.checkpoint, select_device(args.device))
+    if args.model:
+        loaded = _registry_model(args.model, select_device(args.device))
+    else:
+        loaded = load_model(args.checkpoint, select_device(args.device))
     written = infer_files(loaded, args.images, args.out, crf=args.crf)
     for label_path, overlay_path in written:
         print(f"{label_path}  {overlay_path}")
+    return 0
+
+
+def _registry_model(uri: str, device):
+    """The cpews model behind an MLflow model URI (models:/cpews@champion), loaded through its pyfunc (which
+    checks the weights' sha256), on `device`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from orchestration.tracking import default_tracking_uri
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the local store that `make sweep` and `make promote` use
+        mlflow.set_tracking_uri(default_tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise ValueError(f"cannot load model {uri!r} from MLflow at {mlflow.get_tracking_uri()}: {exc.message}") from None
+    loaded = model.unwrap_python_model().loaded
+    return loaded._replace(model=loaded.model.to(device))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from orchestration.promote import promote
+
+    printer = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    decision = promote(
+        args.sweep, run_dir=Path(args.run_dir), model_name=args.model_name, metric=args.metric,
+        min_delta=args.min_delta, alpha=args.alpha, dry_run=args.dry_run, out=printer, address=args.address,
+    )
+    if args.json:
+        print(json.dumps(decision, indent=1, default=str))
     return 0
 
 
@@ -238,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     inf = sub.add_parser("infer", help="segment images: label PNGs and colour overlays")
-    inf.add_argument("--checkpoint", required=True)
+    source = inf.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a cpews checkpoint file")
+    source.add_argument("--model", help="an MLflow model URI, e.g. models:/cpews@champion (MLFLOW_TRACKING_URI)")
     inf.add_argument("images", nargs="+")
     inf.add_argument("--out", required=True)
     inf.add_argument("--crf", action="store_true")
@@ -268,6 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--json", action="store_true", help="print a JSON list of trials")
     board.add_argument("--run-dir", default="runs")
     board.set_defaults(func=cmd_sweep_leaderboard)
+
+    pro = sub.add_parser("promote", help="refit a sweep's best configuration, score it, register it in MLflow")
+    pro.add_argument("sweep", nargs="?", default=None, help="the sweep's name (default: the latest sweep)")
+    pro.add_argument("--metric", default="seg_msf", choices=["seg", "seg_msf", "seg_crf"],
+                     help="held-out protocol of the gate: single scale, multi-scale + flip (default), + CRF")
+    pro.add_argument("--min-delta", type=float, default=0.0,
+                     help="per-image mIoU margin the candidate must beat the champion by (default 0)")
+    pro.add_argument("--alpha", type=float, default=0.05, help="level of the paired one-sided t test")
+    pro.add_argument("--model-name", default="cpews", help="registered model name (default cpews)")
+    pro.add_argument("--dry-run", action="store_true", help="say what would be promoted; train nothing")
+    pro.add_argument("--json", action="store_true", help="print the decision as JSON (progress to stderr)")
+    pro.add_argument("--address", default=None, help="a Ray cluster for the refit (default: local)")
+    pro.add_argument("--run-dir", default="runs")
+    pro.set_defaults(func=cmd_promote)
     return parser
 
 
@@ -276,10 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cpews.config import ConfigError
 
     expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
-    if args.command == "sweep":
+    if args.command in ("sweep", "promote"):
+        from orchestration.promote import PromotionError
         from orchestration.sweep import SweepError
 
-        expected += (SweepError,)
+        expected += (SweepError, PromotionError)
     try:
         return int(args.func(args) or 0)
     except expected as exc:

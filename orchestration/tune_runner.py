@@ -198,7 +198,7 @@ def make_tuner(
             scheduler=make_scheduler(spec),
             num_samples=spec.search.num_trials,
             time_budget_s=spec.time_budget_s,
-            reuse_actors=False,
+            reuse_actors=True,  # the next trial starts in a warm worker (torch and the project imported)
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),

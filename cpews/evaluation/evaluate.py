@@ -20,7 +20,7 @@ from torch import Tensor
 from cpews.cam import cams_to_labels, multiscale_cams, rescale_images
 from cpews.config import TrainConfig
 from cpews.crf import dense_crf
-from cpews.metrics import ConfusionMeter, multilabel_f1
+from cpews.metrics import ConfusionMeter, confusion_matrix, multilabel_f1, segmentation_scores
 from cpews.model import CpewsNet, CpewsOutput
 from cpews.refine import images_for_par, refine_pseudo_labels
 
@@ -30,6 +30,16 @@ SCORE_NAMES = ("cam", "aux_cam", "pseudo", "seg")
 class EvalResult(NamedTuple):
     metrics: dict[str, float]  # miou_cam, miou_aux_cam, miou_pseudo, miou_seg, f1, ... (fractions)
     per_class: list[dict[str, object]]  # one row per class: name and IoU of each score
+    # with `evaluate(..., per_image=True)`: {"ids": [...], "miou_<score>": [one mIoU per image], ...}
+    per_image: dict[str, list] | None = None
+
+
+def image_miou(pred: Tensor, gt: Tensor, num_classes: int) -> float:
+    """The mIoU of one image (§9.1 on its own confusion matrix: mean over the classes in its ground truth).
+
+    Shapes: pred, gt (H, W) labels; 255 = ignore.
+    """
+    return float(segmentation_scores(confusion_matrix(pred, gt, num_classes)).miou)
 
 
 def segmentation_probabilities(
@@ -165,6 +175,7 @@ def evaluate(
     crf: bool = False,
     data_root: Path | None = None,
     batch_size: int = 16,
+    per_image: bool = False,
 ) -> EvalResult:
     """Score the model on `dataset` (an EvalDataset).
 
@@ -172,6 +183,7 @@ def evaluate(
         final_protocol: segment with §9.3 (original size, `eval.test_scales`, flip sum, scale max) instead of
             single scale at `eval.size`.
         crf: apply the dense CRF (§9.4) to the segmentation probabilities (implies per-image work).
+        per_image: also return each image's mIoU per score (`EvalResult.per_image`), e.g. for paired tests.
     """
     was_training = model.training
     model.eval()
@@ -182,6 +194,7 @@ def evaluate(
     label = confounded_label(data_root)
     confounder = ConfounderStats(label) if label is not None else None
     all_logits, all_labels = [], []
+    images: dict[str, list] | None = {"ids": []} if per_image else None
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     for first in range(0, count, batch_size):
         samples = [dataset[i] for i in range(first, min(first + batch_size, count))]
@@ -191,6 +204,10 @@ def evaluate(
             mask = sample["mask"].to(device)
             for name, pred in predictions.items():
                 meters[name].update(pred, mask)
+            if images is not None:
+                images["ids"].append(str(sample.get("name", first + j)))
+                for name, pred in predictions.items():
+                    images.setdefault(f"miou_{name}", []).append(image_miou(pred, mask, num_classes))
             if confounder is not None and "confounder_mask" in sample:
                 confounder.update(
                     sample["confounder_mask"].to(device),
@@ -201,7 +218,9 @@ def evaluate(
         all_logits.append(output.logits.float().cpu())
         all_labels.append(labels.cpu())
     model.train(was_training)
-    return _collect(meters, class_names, all_logits, all_labels, confounder, label, count)
+    return _collect(meters, class_names, all_logits, all_labels, confounder, label, count)._replace(
+        per_image=images
+    )
 
 
 def _crf_labels(rgb: Tensor, probs: Tensor, size: tuple[int, int], cfg: TrainConfig) -> Tensor:

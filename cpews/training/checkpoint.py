@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -115,3 +116,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         class_names=list(payload.get("class_names", [])),
         metrics=dict(payload.get("metrics", {})),
     )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

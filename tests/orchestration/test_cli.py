@@ -16,6 +16,7 @@ import pytest
 
 from cpews.data import SYNTHETIC_CLASSES
 
+REPO = Path(__file__).resolve().parents[2]
 MICRO = ("--set", "data.synthetic_train=32", "--set", "data.synthetic_val=8", "--set", "train.device=cpu")
 MIOU_KEYS = ("miou_cam", "miou_aux_cam", "miou_pseudo", "miou_seg")
 
@@ -235,3 +236,29 @@ def test_config_show_json_is_the_flat_config(tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == load_config("test_micro", ["optim.max_iters=7"]).to_flat_dict()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["search.algoritm=tpe"], ["unknown key search.algoritm", "did you mean search.algorithm"]),
+        (["space.loss.pdl_wieght={uniform: [0.1, 0.2]}"], ["loss.pdl_wieght"]),
+        (["space.loss.pdl_weight={uniform: [0.3, 0.1]}"], ["space.loss.pdl_weight"]),
+        (["space.train.batch_size={uniform: [4, 8]}"], ["train.batch_size", "int field"]),
+        (["resources.cpu=512"], ["resources.cpu"]),
+        (["fixed.data.dataset=voc", "fixed.data.root=/nonexistent/VOC2012"], ["data.root", "/nonexistent/VOC2012"]),
+    ],
+)
+def test_sweep_run_refuses_a_bad_sweep_file_before_creating_anything(tmp_path: Path, overrides, needles):
+    """Each mistake is an error naming the key (and the file); no run folder, no MLflow store is created."""
+    args = [item for override in overrides for item in ("--set", override)]
+    proc = cpews("sweep", "run", REPO / "search_spaces" / "demo.yaml", *args, "--run-dir", tmp_path / "runs",
+                 cwd=tmp_path)
+    assert_clean_error(proc, "demo.yaml", *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_resume_and_leaderboard_of_an_unknown_sweep_are_clean_errors(tmp_path: Path):
+    for command in (["resume", "nope"], ["leaderboard", "nope", "--json"]):
+        proc = cpews("sweep", *command, "--run-dir", tmp_path / "runs", cwd=tmp_path)
+        assert_clean_error(proc, "no sweep 'nope'")
