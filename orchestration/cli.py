@@ -7,6 +7,7 @@ Heavy imports (torch, the trainer, Ray, MLflow) happen inside the command that n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -158,14 +159,30 @@ def _registry_model(uri: str, device):
 def cmd_promote(args: argparse.Namespace) -> int:
     from orchestration.promote import promote
 
-    printer = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    decision = promote(
-        args.sweep, run_dir=Path(args.run_dir), model_name=args.model_name, metric=args.metric,
-        min_delta=args.min_delta, alpha=args.alpha, dry_run=args.dry_run, out=printer, address=args.address,
-    )
+    context = _stdout_to_stderr() if args.json else contextlib.nullcontext()
+    with context:  # with --json, stdout carries the JSON only (progress, Ray's and MLflow's lines go to stderr)
+        decision = promote(
+            args.sweep, run_dir=Path(args.run_dir), model_name=args.model_name, metric=args.metric,
+            min_delta=args.min_delta, alpha=args.alpha, dry_run=args.dry_run, address=args.address,
+        )
     if args.json:
         print(json.dumps(decision, indent=1, default=str))
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send file descriptor 1 (and sys.stdout) to stderr for the duration: for subprocesses and threads too."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _local_resources() -> dict[str, float]:
@@ -189,16 +206,15 @@ def _exit_code(outcome) -> int:
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
     from orchestration.search_space import load_sweep, smoke
-    from orchestration.sweep import next_free_name, run_sweep
+    from orchestration.sweep import next_free_name, renamed, run_sweep
 
-    overrides = list(args.overrides)
-    if args.name:
-        overrides.append(f"name={args.name}")
     available = None if (args.address or os.environ.get("RAY_ADDRESS")) else _local_resources()
-    spec = load_sweep(args.file, overrides, available=available)
+    spec = load_sweep(args.file, args.overrides, available=available)
     if args.smoke:
         spec = smoke(spec)
-    if not args.name:  # `make sweep` again: a new sweep beside the old one, not an error
+    if args.name:
+        spec = renamed(spec, args.name)
+    else:  # `make sweep` again: a new sweep beside the old one, not an error
         spec = next_free_name(spec, Path(args.run_dir))
     _stop_on_sigterm()
     outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=args.address)

@@ -90,7 +90,7 @@ class CpewsSegmenter(PythonModel):
         self.loaded = load_model(weights, device)
         self.crf = bool(config.get("crf", False))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[np.ndarray]:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
         from cpews.evaluation.infer import segment_image
 
         return [segment_image(self.loaded, rgb, crf=self.crf) for rgb in as_images(model_input)]

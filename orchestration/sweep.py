@@ -58,6 +58,7 @@ __all__ = [
     "leaderboard_rows",
     "load_leaderboard",
     "next_free_name",
+    "renamed",
     "resume_sweep",
     "run_sweep",
     "sweep_paths",
@@ -109,19 +110,23 @@ def sweep_paths(run_dir: Path, name: str) -> SweepPaths:
     )
 
 
+def renamed(spec: SweepSpec, name: str) -> SweepSpec:
+    """`spec` named `name`; its MLflow experiment follows when it was named after the sweep."""
+    data = spec.to_dict()
+    data["name"] = name
+    if spec.tracking.experiment == spec.name:
+        data["tracking"] = {"experiment": name}
+    return validate_sweep(data, source=spec.source, check_paths=False)
+
+
 def next_free_name(spec: SweepSpec, run_dir: Path) -> SweepSpec:
-    """`spec`, renamed `<name>-2`, `<name>-3`, ... when a sweep of its name exists under `run_dir` (its MLflow
-    experiment follows when it was named after the sweep)."""
+    """`spec`, renamed `<name>-2`, `<name>-3`, ... when a sweep of its name exists under `run_dir`."""
     if not sweep_paths(run_dir, spec.name).root.exists():
         return spec
     n = 2
     while sweep_paths(run_dir, f"{spec.name}-{n}").root.exists():
         n += 1
-    data = spec.to_dict()
-    data["name"] = f"{spec.name}-{n}"
-    if spec.tracking.experiment == spec.name:
-        data["tracking"] = {"experiment": data["name"]}
-    return validate_sweep(data, source=spec.source, check_paths=False)
+    return renamed(spec, f"{spec.name}-{n}")
 
 
 def _code_version() -> dict[str, str]:
