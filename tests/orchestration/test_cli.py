@@ -244,7 +244,7 @@ def test_config_show_json_is_the_flat_config(tmp_path: Path):
         (["search.algoritm=tpe"], ["unknown key search.algoritm", "did you mean search.algorithm"]),
         (["space.loss.pdl_wieght={uniform: [0.1, 0.2]}"], ["loss.pdl_wieght"]),
         (["space.loss.pdl_weight={uniform: [0.3, 0.1]}"], ["space.loss.pdl_weight"]),
-        (["space.train.batch_size={uniform: [4, 8]}"], ["train.batch_size", "int field"]),
+        (["space.proto.num_prototypes={uniform: [4, 8]}"], ["proto.num_prototypes", "int field"]),
         (["resources.cpu=512"], ["resources.cpu"]),
         (["fixed.data.dataset=voc", "fixed.data.root=/nonexistent/VOC2012"], ["data.root", "/nonexistent/VOC2012"]),
     ],

@@ -126,7 +126,7 @@ def test_demo_sweep_is_the_cpu_setting():
     assert (spec.search.algorithm, spec.search.seed, spec.search.num_trials, spec.search.max_concurrent) == (
         "tpe",
         0,
-        6,
+        8,
         2,
     )
     assert (spec.folds.k, spec.folds.seed, spec.folds.split) == (3, 0, "train_aug")
