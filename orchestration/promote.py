@@ -23,6 +23,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -299,15 +300,9 @@ def promote(
         evaluation = {"candidate": candidate_scores, "champion": champion_scores, "gate": gate._asdict()}
         (work / "evaluation.json").write_text(json.dumps(finite(evaluation), indent=1, default=str))
         mlflow.log_artifact(str(work / "evaluation.json"))
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_FILE),
-            artifacts={"weights": str(weights)},
-            model_config={"weights_sha256": sha, "class_names": list(checkpoint.class_names), "crf": False,
-                          "device": "auto", "sweep": sweep, "trial": row["trial"]},
-            code_paths=[str(Path(__file__).resolve().parents[1] / "cpews")],
-            pip_requirements=_requirements(),
-        )
+        with warnings.catch_warnings():  # MLflow asks for type hints on predict; inputs are checked in as_images
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+            info = _log_pyfunc(weights, sha, checkpoint.class_names, sweep, row["trial"])
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, model_name)
     tags = {
@@ -341,6 +336,21 @@ def promote(
         "gate": gate._asdict(),
     })
     return finite(decision)
+
+
+def _log_pyfunc(weights: Path, sha: str, class_names: Sequence[str], sweep: str, trial: str) -> Any:
+    """Log the pyfunc (as code) with the weights, their sha256 and the cpews source into the active run."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_FILE),
+        artifacts={"weights": str(weights)},
+        model_config={"weights_sha256": sha, "class_names": list(class_names), "crf": False, "device": "auto",
+                      "sweep": sweep, "trial": trial},
+        code_paths=[str(Path(__file__).resolve().parents[1] / "cpews")],
+        pip_requirements=_requirements(),
+    )
 
 
 def _champion_version(client: Any, name: str) -> Any:

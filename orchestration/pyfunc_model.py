@@ -15,6 +15,7 @@ per image, in the §9.3 protocol (multi-scale + flip; dense CRF when the model w
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 WEIGHTS_ARTIFACT = "weights"
+# MLflow suggests type hints on `predict` at every load; inputs are checked by `as_images` instead.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class WeightsIntegrityError(ValueError):
