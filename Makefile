@@ -13,7 +13,7 @@ UI_PORT ?= 5000
 SWEEP ?=
 PROMOTE_ARGS ?=
 
-.PHONY: install test test-all lint train sweep ui promote clean
+.PHONY: install test test-all test-integration lint train sweep ui promote clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+# Only the tests against real services (PostgreSQL, S3, mlflow server, multi-node Ray); `make test` runs them too.
+test-integration: $(STAMP)
+	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cpews orchestration tests benchmarks
