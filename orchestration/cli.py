@@ -205,20 +205,70 @@ def _exit_code(outcome) -> int:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    from orchestration.search_space import load_sweep, smoke
+    from orchestration.jobs import is_job_address, submit_and_follow
+    from orchestration.search_space import load_sweep, smoke, validate_sweep
     from orchestration.sweep import next_free_name, renamed, run_sweep
 
-    available = None if (args.address or os.environ.get("RAY_ADDRESS")) else _local_resources()
-    spec = load_sweep(args.file, args.overrides, available=available)
-    if args.smoke:
-        spec = smoke(spec)
-    if args.name:
-        spec = renamed(spec, args.name)
-    else:  # `make sweep` again: a new sweep beside the old one, not an error
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.spec_json:  # inside a Ray job: the sweep as the submitter validated it; paths are checked here
+        # Ray may remove the job's uploaded working directory once the last trial worker using it ends: the
+        # driver works from the (shared) run folder instead, and relative config paths resolve against it.
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        os.chdir(args.run_dir)
+        spec = validate_sweep(json.loads(args.spec_json), source="the submitted sweep")
+    else:
+        if not args.file:
+            raise ValueError("sweep run needs a sweep FILE (a path, or a name in search_spaces/ such as demo)")
+        # on a cluster, paths and resources are the cluster's: they are checked where the sweep runs
+        spec = load_sweep(args.file, args.overrides, available=None if address else _local_resources(),
+                          check_paths=not is_job_address(address))
+        if args.smoke:
+            spec = smoke(spec)
+        if args.name:
+            spec = renamed(spec, args.name)
+    if is_job_address(address):
+        if not Path(args.run_dir).is_absolute():
+            raise ValueError(f"--run-dir {args.run_dir!r}: on a cluster give an absolute folder that every node "
+                             "shares (trial folders and checkpoints live there)")
+        job_args = ["sweep", "run", "--spec-json", json.dumps(spec.to_dict()), "--run-dir", args.run_dir]
+        if args.name:
+            job_args += ["--name", args.name]
+        _, code = submit_and_follow(address, job_args, follow=not args.no_follow, name=spec.name)
+        return code
+    if not args.name:  # `make sweep` again: a new sweep beside the old one, not an error
         spec = next_free_name(spec, Path(args.run_dir))
     _stop_on_sigterm()
-    outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=args.address)
+    outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=address)
     return _exit_code(outcome)
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from orchestration.jobs import list_sweep_jobs
+
+    jobs = list_sweep_jobs(_job_address(args))
+    if args.json:
+        print(json.dumps(jobs, indent=1))
+    elif not jobs:
+        print("no sweep jobs on this cluster")
+    for job in [] if args.json else jobs:
+        print(f"{job['job_id']}  {job['status']:<9}  {job['name']}")
+    return 0
+
+
+def cmd_sweep_stop(args: argparse.Namespace) -> int:
+    from orchestration.jobs import stop_job
+
+    print(f"{args.job_id}: {stop_job(_job_address(args), args.job_id)}")
+    return 0
+
+
+def _job_address(args: argparse.Namespace) -> str:
+    from orchestration.jobs import is_job_address
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not is_job_address(address):
+        raise ValueError("give the cluster's job API address: --address http://HEAD:8265 (or RAY_ADDRESS)")
+    return address
 
 
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
@@ -300,14 +350,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="hyperparameter sweeps: Ray Tune + Optuna over K-fold CV, tracked in MLflow")
     sweeps = sweep.add_subparsers(dest="sweep_command", required=True)
     run = sweeps.add_parser("run", help="start a sweep from a sweep file (see search_spaces/README.md)")
-    run.add_argument("file", help="a sweep YAML file, or the name of one in search_spaces/ (demo)")
+    run.add_argument("file", nargs="?", help="a sweep YAML file, or the name of one in search_spaces/ (demo)")
+    run.add_argument("--spec-json", default=None, help=argparse.SUPPRESS)  # set by a submitted Ray job
     run.add_argument("--name", default=None, help="the sweep's name (default: the file's name key or file name)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a sweep-file key (search.num_trials=4) or, under fixed., a config key "
                           "(fixed.optim.max_iters=100); repeatable")
     run.add_argument("--smoke", action="store_true",
                      help="the same sweep shrunk to 2 trials x 2 folds x a few iterations (a quick check)")
-    run.add_argument("--address", default=None, help="a Ray cluster to run on (default: RAY_ADDRESS, else local)")
+    run.add_argument("--address", default=None,
+                     help="a Ray cluster: http://HEAD:8265 submits the sweep as a Ray Job; HOST:6379 joins it "
+                          "from here (default: RAY_ADDRESS, else a local Ray instance)")
+    run.add_argument("--no-follow", action="store_true", help="with a job address: submit and return")
     run.add_argument("--run-dir", default="runs", help="where sweeps and the local MLflow store live")
     run.set_defaults(func=cmd_sweep_run)
     resume = sweeps.add_parser("resume", help="continue an interrupted sweep")
@@ -315,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", default=None)
     resume.add_argument("--run-dir", default="runs")
     resume.set_defaults(func=cmd_sweep_resume)
+    status = sweeps.add_parser("status", help="the sweep jobs of a Ray cluster (job API address)")
+    status.add_argument("--address", default=None)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_sweep_status)
+    stop = sweeps.add_parser("stop", help="stop a sweep job on a Ray cluster (the sweep can be resumed)")
+    stop.add_argument("job_id")
+    stop.add_argument("--address", default=None)
+    stop.set_defaults(func=cmd_sweep_stop)
     board = sweeps.add_parser("leaderboard", help="the trials of a sweep, best first")
     board.add_argument("name")
     board.add_argument("--json", action="store_true", help="print a JSON list of trials")
@@ -341,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cpews.config import ConfigError
 
-    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, ConnectionError)
     if args.command in ("sweep", "promote"):
         from orchestration.promote import PromotionError
         from orchestration.sweep import SweepError
@@ -350,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except expected as exc:
+        if os.environ.get("CPEWS_TRACEBACK"):  # for bug reports: the whole story
+            import traceback
+
+            traceback.print_exc()
         print(f"cpews: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

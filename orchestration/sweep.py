@@ -440,6 +440,7 @@ def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]
             "status": status,
             "wall_time_s": last.get("time_total_s"),
             "fold_scores": trial_state.get("fold_scores", []),
+            "nodes": trial_state.get("nodes", []),
             "mlflow_run_id": run_id or trial_state.get("trial_run_id"),
             "error": _error_text(trial) if status == "failed" else None,
             "path": str(trial_dir),

@@ -54,6 +54,7 @@ TAG_TRIAL = "cpews.trial_id"
 TAG_FOLD = "cpews.fold"
 TAG_STATUS = "cpews.status"  # trial: completed | pruned | failed | interrupted
 TAG_POOL_CACHE = "cpews.pool_cache"  # fold: hit | miss | none
+TAG_NODES = "cpews.nodes"  # trial: the Ray node ids it ran on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,7 @@ class TrialState:
     fold_iteration: int = 0
     timings: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(TIME_KEYS, 0.0))
     pool_cache: dict[str, int] = dataclasses.field(default_factory=lambda: {"hit": 0, "miss": 0})
+    nodes: list[str] = dataclasses.field(default_factory=list)  # Ray node ids the trial ran on, in order
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -272,6 +274,12 @@ def _start_runs(context: TrialContext, state: TrialState, trial_dir: Path, trial
     return run
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def cv_trial(config: dict, *, context: TrialContext) -> None:
     """Ray Tune function trainable: train the sampled `config` on each fold in turn (see the module docstring).
 
@@ -304,6 +312,10 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     state, resume = load_trial_state(tune.get_checkpoint(), trial_dir / "restore" / "fold_checkpoint.pt")
     trial_run = _start_runs(context, state, trial_dir, trial_name, trial_id, cfg, spec.searched_keys())
+    node = _node_id()
+    if node not in state.nodes:  # where each attempt ran (a retry may land on another node)
+        state.nodes.append(node)
+    trial_run.set_tags({TAG_NODES: ",".join(state.nodes)})
     data_root = resolve_data_root(cfg)
     names = class_names(cfg)
     k = len(context.folds)
