@@ -4,6 +4,7 @@ artifacts, all on 127.0.0.1 (`orchestration.services`); a micro sweep and a prom
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +95,67 @@ def test_sweep_and_promotion_land_in_postgres_and_s3(
     (labels,) = model.predict([str(image)])
     assert labels.ndim == 2 and labels.dtype.name == "uint8"
     assert "AWS_ACCESS_KEY_ID" not in os.environ
+
+
+def test_run_server_script_serves_with_basic_auth(stack, tmp_path: Path) -> None:
+    """infra/mlflow/run_server.sh with a filled-in env file (the stack's PostgreSQL and S3): requests without
+    credentials are refused, the admin's are served, and a logged artifact lands in the bucket."""
+    import secrets
+    import signal
+    import subprocess
+
+    import boto3
+    import requests
+
+    from orchestration.services import S3_TEST_CREDENTIALS, free_port, wait_for_port
+
+    password = secrets.token_urlsafe(16)
+    stack.postgres.query('CREATE DATABASE "mlflow_auth"', database="postgres")
+    auth_ini = tmp_path / "basic_auth.ini"
+    auth_ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = postgresql://postgres@127.0.0.1:{stack.postgres.port}/mlflow_auth\n"
+        f"admin_username = admin\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = free_port()
+    env_file = tmp_path / "mlflow.env"
+    env_file.write_text("\n".join([
+        f"MLFLOW_BACKEND_STORE_URI={stack.postgres.uri}",
+        f"MLFLOW_ARTIFACTS_DESTINATION=s3://{stack.bucket}/auth-test",
+        *(f"{k}={v}" for k, v in S3_TEST_CREDENTIALS.items()),
+        f"MLFLOW_S3_ENDPOINT_URL={stack.s3_endpoint}",
+        f"MLFLOW_AUTH_CONFIG_PATH={auth_ini}",
+        f"MLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(16)}",
+        "MLFLOW_HOST=127.0.0.1", f"MLFLOW_PORT={port}", "MLFLOW_WORKERS=1",
+    ]) + "\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(["bash", str(repo / "infra" / "mlflow" / "run_server.sh"), str(env_file)], cwd=repo,
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 120, "run_server.sh", server, tmp_path / "server.log")
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+        body = {"max_results": 5}
+        assert requests.post(url, json=body, timeout=30).status_code == 401
+        assert requests.post(url, json=body, auth=("admin", "wrong"), timeout=30).status_code == 401
+        assert requests.post(url, json=body, auth=("admin", password), timeout=30).status_code == 200
+
+        (tmp_path / "note.txt").write_text("hello")
+        script = ("import mlflow\nwith mlflow.start_run() as run:\n    mlflow.log_artifact('note.txt')\n"
+                  "print(run.info.run_id)\n")
+        client_env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+                      "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        for key in S3_TEST_CREDENTIALS:
+            client_env.pop(key, None)
+        run_id = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=client_env, check=True,
+                                capture_output=True, text=True, timeout=120).stdout.split()[-1]
+        s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.bucket, Prefix="auth-test/").get("Contents", [])]
+        assert any(key.endswith(f"{run_id}/artifacts/note.txt") for key in keys), keys
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
