@@ -272,10 +272,20 @@ def _job_address(args: argparse.Namespace) -> str:
 
 
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
+    from orchestration.jobs import is_job_address, submit_and_follow
     from orchestration.sweep import resume_sweep
 
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if is_job_address(address):
+        if not Path(args.run_dir).is_absolute():
+            raise ValueError(f"--run-dir {args.run_dir!r}: on a cluster give the absolute shared folder of the sweep")
+        job_args = ["sweep", "resume", args.name, "--run-dir", args.run_dir, "--in-job"]
+        _, code = submit_and_follow(address, job_args, follow=not args.no_follow, name=args.name)
+        return code
+    if args.in_job:  # see cmd_sweep_run: work from the shared run folder, not the job's upload
+        os.chdir(args.run_dir)
     _stop_on_sigterm()
-    outcome = resume_sweep(args.name, run_dir=Path(args.run_dir), address=args.address)
+    outcome = resume_sweep(args.name, run_dir=Path(args.run_dir), address=address)
     return _exit_code(outcome)
 
 
@@ -366,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_sweep_run)
     resume = sweeps.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("name")
-    resume.add_argument("--address", default=None)
+    resume.add_argument("--address", default=None,
+                        help="a Ray cluster: http://HEAD:8265 resumes it as a Ray Job (default: RAY_ADDRESS)")
+    resume.add_argument("--no-follow", action="store_true", help="with a job address: submit and return")
+    resume.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)
     resume.add_argument("--run-dir", default="runs")
     resume.set_defaults(func=cmd_sweep_resume)
     status = sweeps.add_parser("status", help="the sweep jobs of a Ray cluster (job API address)")
