@@ -979,7 +979,7 @@ class _Validator:
                 raise self.error(
                     f"{where('data.root')}: the {cfg.data.dataset} dataset needs data.root (set fixed.data.root)"
                 )
-            if not Path(root).is_dir():
+            if not root.startswith("s3://") and not Path(root).is_dir():  # s3:// is checked where it is read
                 raise self.error(
                     f"{where('data.root')}: the {cfg.data.dataset} dataset folder {root!r} does not exist "
                     f"(relative to {os.getcwd()}); set fixed.data.root or --set fixed.data.root=PATH"

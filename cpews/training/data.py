@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from cpews.config import TrainConfig
 from cpews.data import EvalDataset, TrainDataset, class_table, ensure_synthetic_dataset, validate_dataset
+from cpews.data.remote import is_s3, sync_prefix
 
 DATA_DIR_ENV = "CPEWS_DATA_DIR"
 
@@ -27,7 +28,8 @@ def synthetic_root(cfg: TrainConfig) -> Path:
 
 
 def resolve_data_root(cfg: TrainConfig, *, validate: bool = True) -> Path:
-    """The dataset folder of `cfg`; the synthetic dataset is generated on first use.
+    """The dataset folder of `cfg`; the synthetic dataset is generated on first use, an `s3://` root is copied
+    to this machine once (`cpews.data.remote.sync_prefix`).
 
     Raises:
         cpews.data.DatasetError: the folder is missing or malformed (checked before training starts).
@@ -44,7 +46,7 @@ def resolve_data_root(cfg: TrainConfig, *, validate: bool = True) -> Path:
             confounder_strength=d.confounder_strength,
         )
         return root
-    root = Path(d.root)
+    root = sync_prefix(d.root).path if is_s3(d.root) else Path(d.root)  # s3://: a local copy, once per machine
     if validate:
         validate_dataset(root, d.dataset, [d.train_split, d.val_split], check_images=64)
     return root

@@ -30,6 +30,7 @@ from torch import Tensor
 from cpews.cam import token_boxes, valid_token_mask
 from cpews.config import TrainConfig
 from cpews.data import class_table
+from cpews.data.remote import download_if_exists, is_s3, local_cache_dir, upload
 from cpews.model import CpewsNet
 from cpews.prototype_losses import pdl_loss, ssl_loss
 from cpews.prototypes import (
@@ -157,19 +158,23 @@ def build_model_pool(
         kmeans_max_iter=p.kmeans_max_iter,
         kmeans_seed=p.kmeans_seed,
     )
-    cached = Path(p.cache_dir) / f"{dataset_content_key(model, dataset, params)}.pt" if p.cache_dir else None
-    if cached is not None and cached.is_file():
+    key = f"{dataset_content_key(model, dataset, params)}.pt" if p.cache_dir else None
+    remote = f"{p.cache_dir.rstrip('/')}/{key}" if key and is_s3(p.cache_dir) else None
+    cached = (local_cache_dir() / "pools" / key if remote else Path(p.cache_dir) / key) if key else None
+    if cached is not None and (cached.is_file() or (remote is not None and download_if_exists(remote, cached))):
         pool = load_pool(cached)
         pool = Pool(pool.tensors, {**pool.meta, "iteration": iteration, "cache": "hit", **(meta or {})})
         if progress:
-            progress(f"pool cache: hit {cached}")
+            progress(f"pool cache: hit {remote or cached}")
     else:
         pool = _build(cfg, model, dataset, supers, names, device, iteration, meta, progress)
         if cached is not None:
             pool = Pool(pool.tensors, {**pool.meta, "cache": "miss"})
             save_pool(cached, pool)
+            if remote is not None:
+                upload(cached, remote)
             if progress:
-                progress(f"pool cache: miss, stored {cached}")
+                progress(f"pool cache: miss, stored {remote or cached}")
     model.set_pool({key: value.to(device) for key, value in pool.tensors.items()})
     if out_dir is not None:
         path = write_pool_files(pool, Path(out_dir) / POOL_DIR, f"pool_it{iteration:07d}")
