@@ -40,8 +40,9 @@ lint: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/cpews train --out runs/train
 
+# RAY_ADDRESS=http://HEAD:8265 submits the sweep to that cluster as a Ray Job (RUN_DIR: an absolute shared folder).
 sweep: $(STAMP)
-	$(VENV)/bin/cpews sweep run $(SPACE) --run-dir $(RUN_DIR) $(SWEEP_ARGS)
+	$(if $(RAY_ADDRESS),RAY_ADDRESS=$(RAY_ADDRESS)) $(VENV)/bin/cpews sweep run $(SPACE) --run-dir $(RUN_DIR) $(SWEEP_ARGS)
 
 # Refit the best configuration of SWEEP (default: the latest sweep), score it, register it, gate @champion.
 promote: $(STAMP)
