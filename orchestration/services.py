@@ -157,14 +157,22 @@ class Process:
 
     def stop(self) -> None:
         process, self.popen = self.popen, None
-        if process is None or process.poll() is not None:
-            return
+        if process is not None:
+            stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group of a `start_new_session` child, SIGKILL it after `timeout_s`, and SIGKILL what
+    is left of the group (a grandchild that outlived its parent)."""
+    if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+            process.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def moto_s3(root: Path, port: int | None = None) -> Process:

@@ -8,9 +8,7 @@ processes that the tracking API does not need), `OMP_NUM_THREADS=1`, and its out
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from orchestration.services import stop_process_group
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 90.0
@@ -99,15 +99,7 @@ class MlflowServer:
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # a child that outlived the CLI process
+        stop_process_group(process)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with socket.socket() as sock:

@@ -40,7 +40,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(synthetic_data_dir: Path) -> Iterator[dict]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # the nodes' `python` (a job's entrypoint) is this environment's, as on a cluster set up with the project
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     port, dashboard = free_port(), free_port()

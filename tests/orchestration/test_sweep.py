@@ -252,10 +252,13 @@ def test_stopped_driver_resumes_without_duplicates(ray_env: None, tmp_path: Path
         process = subprocess.Popen([*command, "run", str(sweep_file), "--run-dir", str(run_dir)], cwd=REPO,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
+            # Two checkpoints of the second trial: a report blocks its trial until the driver has taken it in,
+            # so the first one is then surely in the experiment state that the stop saves.
             def second_trial_checkpointed() -> bool:
-                return len([d for d in (root / "tune").glob("trial_*") if list(d.glob("checkpoint_*"))]) >= 2
+                counts = sorted(len(list(d.glob("checkpoint_*"))) for d in (root / "tune").glob("trial_*"))
+                return len(counts) >= 2 and counts[0] >= 2
 
-            _wait_for(second_trial_checkpointed, 300, "the second trial's first checkpoint", process)
+            _wait_for(second_trial_checkpointed, 300, "the second trial's second checkpoint", process)
             process.send_signal(signal.SIGINT)
             code = process.wait(timeout=120)
         finally:
