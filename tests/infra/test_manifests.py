@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.integration
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
 def test_cluster_launcher_yaml_passes_rays_validation_and_has_a_cpu_head_and_gpu_workers() -> None:
     import jsonschema
-    import pytest
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((INFRA / "ray" / "cluster-aws-gpu.yaml").read_text())
