@@ -205,7 +205,7 @@ def _exit_code(outcome) -> int:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    from orchestration.jobs import is_job_address, submit_and_follow
+    from orchestration.jobs import is_job_address
     from orchestration.search_space import load_sweep, smoke, validate_sweep
     from orchestration.sweep import next_free_name, renamed, run_sweep
 
@@ -227,19 +227,24 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
         if args.name:
             spec = renamed(spec, args.name)
     if is_job_address(address):
-        if not Path(args.run_dir).is_absolute():
-            raise ValueError(f"--run-dir {args.run_dir!r}: on a cluster give an absolute folder that every node "
-                             "shares (trial folders and checkpoints live there)")
-        job_args = ["sweep", "run", "--spec-json", json.dumps(spec.to_dict()), "--run-dir", args.run_dir]
-        if args.name:
-            job_args += ["--name", args.name]
-        _, code = submit_and_follow(address, job_args, follow=not args.no_follow, name=spec.name)
-        return code
+        job_args = ["sweep", "run", "--spec-json", json.dumps(spec.to_dict())] + (["--name", args.name] if args.name else [])
+        return _submit(address, job_args, args, spec.name)
     if not args.name:  # `make sweep` again: a new sweep beside the old one, not an error
         spec = next_free_name(spec, Path(args.run_dir))
     _stop_on_sigterm()
     outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=address)
     return _exit_code(outcome)
+
+
+def _submit(address: str, job_args: list[str], args: argparse.Namespace, name: str) -> int:
+    """Run `cpews <job_args> --run-dir RUN_DIR` as a Ray Job at `address`; the job's exit code."""
+    from orchestration.jobs import submit_and_follow
+
+    if not Path(args.run_dir).is_absolute():
+        raise ValueError(f"--run-dir {args.run_dir!r}: on a cluster give an absolute folder that every node "
+                         "shares (trial folders and checkpoints live there)")
+    _, code = submit_and_follow(address, [*job_args, "--run-dir", args.run_dir], follow=not args.no_follow, name=name)
+    return code
 
 
 def cmd_sweep_status(args: argparse.Namespace) -> int:
@@ -272,16 +277,12 @@ def _job_address(args: argparse.Namespace) -> str:
 
 
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
-    from orchestration.jobs import is_job_address, submit_and_follow
+    from orchestration.jobs import is_job_address
     from orchestration.sweep import resume_sweep
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if is_job_address(address):
-        if not Path(args.run_dir).is_absolute():
-            raise ValueError(f"--run-dir {args.run_dir!r}: on a cluster give the absolute shared folder of the sweep")
-        job_args = ["sweep", "resume", args.name, "--run-dir", args.run_dir, "--in-job"]
-        _, code = submit_and_follow(address, job_args, follow=not args.no_follow, name=args.name)
-        return code
+        return _submit(address, ["sweep", "resume", args.name, "--in-job"], args, args.name)
     if args.in_job:  # see cmd_sweep_run: work from the shared run folder, not the job's upload
         os.chdir(args.run_dir)
     _stop_on_sigterm()

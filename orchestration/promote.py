@@ -157,7 +157,8 @@ def _refit_task(flat: dict[str, Any], out_dir: str, threads: int) -> dict[str, A
     cfg = TrainConfig.from_flat_dict(flat)
     print(f"refit: training {cfg.optim.max_iters} iterations on the whole {cfg.data.train_split} split", flush=True)
     result = train(cfg, out_dir=out_dir, progress=False)
-    return {"checkpoint": str(result.checkpoint), "iterations": result.iterations, "wall_time": result.wall_time}
+    return {"checkpoint": str(result.checkpoint), "iterations": result.iterations, "wall_time": result.wall_time,
+            "metrics": result.metrics}
 
 
 def _evaluate_heldout(loaded: Any, cfg: Any, data_root: Path, split: str, out: Printer, label: str) -> dict[str, Any]:
@@ -247,7 +248,7 @@ def promote(
 
     from cpews.config import TrainConfig
     from cpews.evaluation import load_model
-    from cpews.training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+    from cpews.training.checkpoint import file_sha256, save_checkpoint
     from orchestration.sweep import _ray_session
 
     cfg = spec.trial_config(row["params"])
@@ -264,11 +265,9 @@ def promote(
         refit = ray.get(task.remote(cfg.to_flat_dict(), str(work / "train"), max(1, round(spec.resources.cpu))))
     out(f"refit: done in {refit['wall_time']:.0f} s ({refit['iterations']} iterations)")
 
-    checkpoint = load_checkpoint(refit["checkpoint"])
     loaded = load_model(refit["checkpoint"])
-    weights = save_checkpoint(work / "weights.pt", cfg=checkpoint.cfg, iteration=checkpoint.iteration,
-                              model=loaded.model, optimizer=None, class_names=checkpoint.class_names,
-                              metrics=checkpoint.metrics)
+    weights = save_checkpoint(work / "weights.pt", cfg=loaded.cfg, iteration=loaded.iteration, model=loaded.model,
+                              optimizer=None, class_names=loaded.class_names, metrics=refit["metrics"])
     sha = file_sha256(weights)
     from cpews.training.data import resolve_data_root
 
@@ -302,7 +301,7 @@ def promote(
         mlflow.log_artifact(str(work / "evaluation.json"))
         with warnings.catch_warnings():  # MLflow asks for type hints on predict; inputs are checked in as_images
             warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-            info = _log_pyfunc(weights, sha, checkpoint.class_names, sweep, row["trial"])
+            info = _log_pyfunc(weights, sha, loaded.class_names, sweep, row["trial"])
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, model_name)
     tags = {

@@ -54,6 +54,7 @@ __all__ = [
     "SweepError",
     "SweepOutcome",
     "SweepPaths",
+    "existing_sweep",
     "format_leaderboard",
     "leaderboard_rows",
     "load_leaderboard",
@@ -117,6 +118,19 @@ def renamed(spec: SweepSpec, name: str) -> SweepSpec:
     if spec.tracking.experiment == spec.name:
         data["tracking"] = {"experiment": name}
     return validate_sweep(data, source=spec.source, check_paths=False)
+
+
+def existing_sweep(run_dir: Path, name: str) -> SweepPaths:
+    """The folders of sweep `name` under `run_dir`.
+
+    Raises:
+        SweepError: there is no such sweep (the message lists those there are).
+    """
+    paths = sweep_paths(run_dir, name)
+    if not paths.state.is_file():
+        known = sorted(p.parent.name for p in paths.root.parent.glob("*/state.json"))
+        raise SweepError(f"no sweep {name!r} in {paths.root.parent} (sweeps there: {', '.join(known) or 'none'})")
+    return paths
 
 
 def next_free_name(spec: SweepSpec, run_dir: Path) -> SweepSpec:
@@ -311,10 +325,7 @@ def resume_sweep(
         SweepError: no such sweep under `run_dir`, or it was never started by Tune.
     """
     started = time.time()
-    paths = sweep_paths(run_dir, name)
-    if not paths.state.is_file():
-        known = sorted(p.name for p in paths.root.parent.glob("*") if (p / "state.json").is_file())
-        raise SweepError(f"no sweep {name!r} in {paths.root.parent} (sweeps there: {', '.join(known) or 'none'})")
+    paths = existing_sweep(run_dir, name)
     state = json.loads(paths.state.read_text())
     spec = _read_spec(paths)
     from orchestration.kfold import load_folds
@@ -412,8 +423,8 @@ def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]
     """
     from ray.tune import ExperimentAnalysis
 
-    from orchestration.trial import TRIAL_STATE_FILE
-    from orchestration.tune_runner import searched_params, trial_outcome
+    from orchestration.trial import TRIAL_STATE_FILE, trial_params
+    from orchestration.tune_runner import trial_outcome
 
     if not paths.tune.is_dir():
         return []
@@ -433,7 +444,7 @@ def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]
         mean = last.get(CV_MEAN)
         rows.append({
             "trial": trial.trial_id,
-            "params": searched_params(trial.config),
+            "params": trial_params(trial.config or {}),
             "cv_miou_mean": mean if mean is not None and math.isfinite(mean) else None,
             "cv_miou_std": last.get(CV_STD) if mean is not None and math.isfinite(mean) else None,
             "folds_completed": int(last.get(FOLDS_COMPLETED, 0) or 0),
@@ -470,10 +481,7 @@ def load_leaderboard(name: str, *, run_dir: Path = Path("runs")) -> list[dict[st
     Raises:
         SweepError: no such sweep.
     """
-    paths = sweep_paths(run_dir, name)
-    if not paths.state.is_file():
-        known = sorted(p.name for p in paths.root.parent.glob("*") if (p / "state.json").is_file())
-        raise SweepError(f"no sweep {name!r} in {paths.root.parent} (sweeps there: {', '.join(known) or 'none'})")
+    paths = existing_sweep(run_dir, name)
     spec = _read_spec(paths)
     rows = _safe_rows(paths, spec)
     if not rows and paths.leaderboard.is_file():

@@ -503,6 +503,11 @@ def _check_key(kind: str, key: str) -> str:
     return key
 
 
+def _tag_values(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    """Tags as MLflow takes them: secret-looking keys dropped, values as text within MLflow's length limit."""
+    return {k: _truncate(str(v), MAX_TAG_VAL_LENGTH, "...") for k, v in redact(tags or {}).items()}
+
+
 def _truncate(text: str, limit: int, marker: str) -> str:
     return text if len(text) <= limit else text[: limit - len(marker)] + marker
 
@@ -632,7 +637,7 @@ class RunLogger:
             raise ValueError(
                 f"spool {spool.root} belongs to MLflow run {known}, not {run_id}; give each run its own spool_dir"
             )
-        clean_tags = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH, "...") for k, v in redact(tags or {}).items()}
+        clean_tags = _tag_values(tags)
         continuing = run_id or known
         token = meta.get("run_token")
         resolved_run_id = continuing
@@ -770,10 +775,7 @@ class RunLogger:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (redacted; values as strings, truncated to MLflow's limit)."""
-        clean = {
-            _check_key("tag", k): _truncate(str(v), MAX_TAG_VAL_LENGTH, "...")
-            for k, v in redact(tags).items()
-        }
+        clean = {_check_key("tag", k): v for k, v in _tag_values(tags).items()}
         with self._lock:
             self._check_open()
             if clean:
@@ -1051,15 +1053,19 @@ def flush_pending(spool_dir: Path, tracking_uri: str | None = None, *, timeout_s
     `tracking_uri` defaults to the one the spool was written with. Call it only when no RunLogger is writing
     to that spool (e.g. from the sweep driver after the trials ended; `find_spool_dirs` lists them).
     """
-    logger = RunLogger._attach(
-        Path(spool_dir), tracking_uri, request_timeout_s=min(30.0, max(1.0, timeout_s))
-    )
-    if logger is None:
-        return 0
+    with _attached(spool_dir, tracking_uri, timeout_s) as logger:
+        return logger.flush(timeout_s) if logger is not None else 0
+
+
+@contextlib.contextmanager
+def _attached(spool_dir: Path, tracking_uri: str | None, timeout_s: float) -> Iterator[RunLogger | None]:
+    """A RunLogger on the spool another (finished) logger left, or None when it holds no run; closed after."""
+    logger = RunLogger._attach(Path(spool_dir), tracking_uri, request_timeout_s=min(30.0, max(1.0, timeout_s)))
     try:
-        return logger.flush(timeout_s)
+        yield logger
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
 
 
 def spool_status(spool_dir: Path) -> str | None:
@@ -1086,19 +1092,14 @@ def finalize_spool(
     """
     if status not in _TERMINAL_STATUSES:
         raise ValueError(f"status must be one of {_TERMINAL_STATUSES}, got {status!r}")
-    logger = RunLogger._attach(
-        Path(spool_dir), tracking_uri, request_timeout_s=min(30.0, max(1.0, timeout_s))
-    )
-    if logger is None:
-        return 0
-    try:
+    with _attached(spool_dir, tracking_uri, timeout_s) as logger:
+        if logger is None:
+            return 0
         meta = logger._spool.meta or {}
         if not meta.get("ended"):
-            clean = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH, "...") for k, v in redact(tags or {}).items()}
+            clean = _tag_values(tags)
             if clean:
                 logger._spool.append({"op": "batch", "tags": clean})
             logger._spool.append({"op": "end", "status": status, "end_time": _now_ms()})
             logger._spool.write_meta({**meta, "ended": status})
         return logger.flush(timeout_s)
-    finally:
-        logger.close()

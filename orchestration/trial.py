@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cpews.training import keys
+
 TRIAL_STATE_FILE = "trial_state.json"
 FOLD_CHECKPOINT_FILE = "fold_checkpoint.pt"
 SPOOL_DIR = "mlflow"  # <trial dir>/mlflow/{trial,fold_0,...}: the MLflow spools of the trial's runs
@@ -37,12 +39,11 @@ TRIAL_SPOOL = "trial"
 FAULT_MARKER = "fault_injected"
 FOLDS_STARTED_LOG = "folds_started.log"
 
-# Tune result keys beyond the cpews.training.keys metrics (strings here: this module is imported by the driver
-# before torch is needed).
-CV_MEAN = "cv/miou_seg_mean"
-CV_STD = "cv/miou_seg_std"
-FOLDS_COMPLETED = "cv/folds_completed"
-FOLD_SCORE = "fold/miou_seg"
+# Tune result keys: the cross-validation metrics of cpews.training.keys, and the trial's own bookkeeping
+CV_MEAN = keys.CV_MIOU_SEG_MEAN
+CV_STD = keys.CV_MIOU_SEG_STD
+FOLDS_COMPLETED = keys.CV_FOLDS_COMPLETED
+FOLD_SCORE = keys.FOLD_MIOU_SEG
 FOLD_INDEX = "cv/fold"  # the fold the result is about
 FOLD_END = "cv/fold_end"  # 1.0 on the report that closes a fold, else 0.0
 TIME_KEYS = ("time/setup_s", "time/steps_s", "time/eval_s", "time/report_s", "time/artifacts_s")
@@ -184,8 +185,6 @@ class FoldReporter:
         self.max_iters, self.on_iteration = max_iters, on_iteration
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        from cpews.training import keys
-
         it = int(metrics.get(keys.TRAIN_ITERATION, 0))
         values = {k: float(v) for k, v in metrics.items() if k != keys.TRAIN_ITERATION}
         self.fold_run.log_metrics(values, step=it)
@@ -289,7 +288,7 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
     from ray import tune
 
     from cpews.config import TrainConfig
-    from cpews.training import keys, train
+    from cpews.training import train
     from cpews.training.data import class_names, resolve_data_root
     from cpews.training.prototype_hooks import PrototypeModule
     from cpews.training.trainer import TrainHooks

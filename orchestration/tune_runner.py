@@ -31,7 +31,6 @@ from orchestration.trial import (
     TrialContext,
     cv_trial,
     trial_name,
-    trial_params,
 )
 
 __all__ = [
@@ -45,7 +44,6 @@ __all__ = [
     "make_trainable",
     "make_tuner",
     "restore_tuner",
-    "searched_params",
     "trial_outcome",
 ]
 
@@ -225,8 +223,3 @@ def restore_tuner(spec: SweepSpec, context: TrialContext, *, experiment_dir: Pat
         resume_errored=False,
         restart_errored=False,
     )
-
-
-def searched_params(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The searched params of a Tune trial config, as dotted config keys."""
-    return trial_params(config or {})

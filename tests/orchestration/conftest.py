@@ -19,16 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from orchestration.services import stop_process_group
+from orchestration.services import HOST, free_port, stop_process_group
 
-HOST = "127.0.0.1"
 START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class MlflowServer:

@@ -32,15 +32,11 @@ print(json.dumps([{"id": n["NodeID"], "head": "node:__internal_head__" in n["Res
 """
 
 
-def free_port() -> int:
-    from orchestration.services import free_port as port
-
-    return port()
-
-
 @pytest.fixture(scope="module")
 def cluster(synthetic_data_dir: Path) -> Iterator[dict]:
     # the nodes' `python` (a job's entrypoint) is this environment's, as on a cluster set up with the project
+    from orchestration.services import free_port
+
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
