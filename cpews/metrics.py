@@ -46,6 +46,33 @@ def confusion_matrix(pred: Tensor, gt: Tensor, num_classes: int, ignore_index: i
     return counts.reshape(num_classes, num_classes)
 
 
+def all_background_confusion(gt: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+    """Confusion matrix of the trivial prediction "background (label 0) everywhere" against ``gt`` (§9.1).
+
+    Accumulate it over images (as a `ConfusionMeter` does) and score it with `segmentation_scores` to get the
+    floor any segmentation of the same images must beat; `baseline_miou` does both for one tensor.
+
+    Shapes:
+        gt: (...) integer labels in {0..num_classes-1, ignore_index}.
+        returns: (num_classes, num_classes) int64; only column 0 is non-zero.
+    """
+    return confusion_matrix(torch.zeros_like(gt), gt, num_classes, ignore_index=ignore_index)
+
+
+def baseline_miou(gt: Tensor, num_classes: int, ignore_index: int = 255) -> float:
+    """The mIoU of predicting background everywhere on ``gt``: the floor of every mIoU of the same images.
+
+    Scored like any other prediction (`confusion_matrix` + `segmentation_scores`): ``ignore_index`` pixels are
+    skipped and the mean runs over the classes present in ``gt``, so it equals
+    ``IoU_0 / (number of present classes)`` with ``IoU_0`` the background fraction of the labelled pixels
+    (every present foreground class scores 0). NaN when no pixel is labelled.
+
+    Shapes:
+        gt: (...) integer labels; a batch (B, H, W) is pooled into one confusion matrix.
+    """
+    return segmentation_scores(all_background_confusion(gt, num_classes, ignore_index)).miou
+
+
 def ignored_prediction_fraction(pred: Tensor, gt: Tensor, ignore_index: int = 255) -> float:
     """Fraction of the GT-labelled pixels (gt != ignore) whose prediction is ``ignore_index`` (§9.1).
 

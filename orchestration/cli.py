@@ -157,14 +157,21 @@ def _registry_model(uri: str, device):
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from orchestration.promote import promote
+    from orchestration.promote import PromotionRefused, promote
 
     context = _stdout_to_stderr() if args.json else contextlib.nullcontext()
-    with context:  # with --json, stdout carries the JSON only (progress, Ray's and MLflow's lines go to stderr)
-        decision = promote(
-            args.sweep, run_dir=Path(args.run_dir), model_name=args.model_name, metric=args.metric,
-            min_delta=args.min_delta, alpha=args.alpha, dry_run=args.dry_run, address=args.address,
-        )
+    try:
+        with context:  # with --json, stdout carries the JSON only (progress, Ray's and MLflow's lines go to stderr)
+            decision = promote(
+                args.sweep, run_dir=Path(args.run_dir), model_name=args.model_name, metric=args.metric,
+                min_delta=args.min_delta, alpha=args.alpha, baseline_margin=args.baseline_margin,
+                force=args.force, dry_run=args.dry_run, address=args.address,
+            )
+    except PromotionRefused as exc:  # below the all-background mIoU: the report, then exit 1
+        if args.json:
+            print(json.dumps(exc.decision, indent=1, default=str))
+        print(f"cpews promote: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(decision, indent=1, default=str))
     return 0
@@ -404,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("--min-delta", type=float, default=0.0,
                      help="per-image mIoU margin the candidate must beat the champion by (default 0)")
     pro.add_argument("--alpha", type=float, default=0.05, help="level of the paired one-sided t test")
+    pro.add_argument("--baseline-margin", type=float, default=0.0,
+                     help="held-out mIoU margin the candidate must beat the all-background mIoU of the same "
+                          "images by (default 0); a candidate that does not is refused")
+    pro.add_argument("--force", action="store_true",
+                     help="register a candidate that does not beat the all-background mIoU (tagged as forced)")
     pro.add_argument("--model-name", default="cpews", help="registered model name (default cpews)")
     pro.add_argument("--dry-run", action="store_true", help="say what would be promoted; train nothing")
     pro.add_argument("--json", action="store_true", help="print the decision as JSON (progress to stderr)")

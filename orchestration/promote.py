@@ -7,7 +7,11 @@ Steps of `promote(sweep)`:
 2. Refit: train that configuration on the whole training split, as a Ray task (its progress lines are
    forwarded to this process), into `runs/sweeps/<sweep>/promotions/<time>-<trial>/`.
 3. Evaluate on the held-out split (the config's `data.val_split`, never seen by the search): single scale,
-   multi-scale + flip (§9.3) and with the dense CRF, with per-image mIoU for the gate.
+   multi-scale + flip (§9.3) and with the dense CRF, with per-image mIoU for the gate, beside the mIoU of
+   predicting background everywhere on the same images (`baseline_miou`). A candidate whose score (protocol
+   `metric`) does not beat that floor is refused (`baseline_check`, `PromotionRefused`): nothing is logged or
+   registered, unless `force`. A held-out score more than `CV_DROP_STDS` fold stds below the trial's CV mean
+   is a warning (`cv_drop_warning`).
 4. Log an MLflow run (under the sweep's run) with the scores and the model: a pyfunc logged as code
    (`orchestration/pyfunc_model.py`) holding the weights (sha256 checked at load), the flat config and the class
    names; register it as a new version of the registered model (default `cpews`).
@@ -29,12 +33,18 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = [
+    "BASELINE_KEYS",
     "CHAMPION_ALIAS",
+    "CV_DROP_STDS",
     "DEFAULT_MODEL_NAME",
     "GATE_METRICS",
+    "BaselineCheck",
     "GateResult",
     "PromotionError",
+    "PromotionRefused",
     "Selection",
+    "baseline_check",
+    "cv_drop_warning",
     "latest_sweep",
     "paired_gate",
     "promote",
@@ -45,12 +55,27 @@ DEFAULT_MODEL_NAME = "cpews"
 CHAMPION_ALIAS = "champion"
 # held-out protocols: single scale at eval.size, §9.3 multi-scale + flip, §9.3 + dense CRF
 GATE_METRICS = {"seg": "miou_seg", "seg_msf": "miou_seg_msf", "seg_crf": "miou_seg_crf"}
+# the all-background mIoU of the images each protocol scored: baseline_miou_seg, baseline_miou_seg_msf, ...
+BASELINE_KEYS = {name: f"baseline_{key}" for name, key in GATE_METRICS.items()}
+CV_DROP_STDS = 3.0  # warn when the held-out score falls more than this many fold stds below the CV mean
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 Printer = Callable[[str], None]
 
 
 class PromotionError(RuntimeError):
     """Nothing can be promoted (no completed trial, unknown sweep, ...)."""
+
+
+class PromotionRefused(PromotionError):
+    """The candidate does not beat the all-background mIoU of the held-out images; nothing was registered.
+
+    Attributes:
+        decision: the report so far (candidate, held-out scores, `baseline_check`), as `promote` returns it.
+    """
+
+    def __init__(self, message: str, decision: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.decision = decision
 
 
 class Selection(NamedTuple):
@@ -70,6 +95,50 @@ class GateResult(NamedTuple):
     p_value: float  # one-sided: P(T >= t) under mean difference = min_delta
     min_delta: float
     alpha: float
+
+
+class BaselineCheck(NamedTuple):
+    passed: bool  # score - baseline > margin
+    score: float  # the candidate's held-out mIoU (the gate's protocol)
+    baseline: float  # the mIoU of predicting background everywhere on the same images
+    margin: float
+    reason: str
+
+
+def baseline_check(score: float, baseline: float, *, metric: str, margin: float = 0.0) -> BaselineCheck:
+    """Does the held-out `score` beat the all-background mIoU of the same images by more than `margin`?
+
+    A tie does not beat it, and neither does a missing (NaN) score.
+    """
+    floor = "the all-background mIoU of the same images"
+    plus = f" by more than {margin:+.4f}" if margin else ""
+    if not (math.isfinite(score) and math.isfinite(baseline)):
+        return BaselineCheck(False, score, baseline, margin,
+                             f"no held-out {metric} to compare with {floor} (score {score}, baseline {baseline})")
+    passed = score - baseline > margin
+    verb = "beats" if passed else "does not beat"
+    return BaselineCheck(passed, score, baseline, margin,
+                         f"held-out {metric} {score:.4f} {verb} {floor} ({baseline:.4f}){plus}")
+
+
+def cv_drop_warning(heldout: float, fold_scores: Sequence[float], *, metric: str,
+                    max_stds: float = CV_DROP_STDS) -> str | None:
+    """A warning when `heldout` falls more than `max_stds` fold standard deviations below the mean fold score.
+
+    The std is the sample std (ddof 1) of `fold_scores`; with fewer than two finite fold scores there is none
+    and no warning. Identical fold scores (std 0) make any drop a warning.
+    """
+    scores = [float(s) for s in fold_scores if s is not None and math.isfinite(float(s))]
+    if len(scores) < 2 or not math.isfinite(heldout):
+        return None
+    mean, std = statistics.fmean(scores), statistics.stdev(scores)
+    if heldout >= mean - max_stds * std:
+        return None
+    drop = mean - heldout
+    how_far = f"{drop / std:.1f} fold stds" if std > 0 else "the folds scored identically"
+    return (f"held-out {metric} {heldout:.4f} is {drop:.4f} ({how_far}) below the trial's CV mean {mean:.4f} "
+            f"(fold std {std:.4f} over {len(scores)} folds; the line is {max_stds:g} stds): the cross-validated "
+            "score did not carry over to the held-out images")
 
 
 def select_best(rows: Sequence[Mapping[str, Any]], k: int, *, mode: str = "max", z: float = 1.0) -> Selection:
@@ -180,12 +249,14 @@ def _evaluate_heldout(loaded: Any, cfg: Any, data_root: Path, split: str, out: P
                               data_root=data_root, per_image=True, **options)
             key = "miou_seg_crf" if name == "seg_crf" else "miou_seg"
             scores[GATE_METRICS[name]] = result.metrics[key]
+            scores[BASELINE_KEYS[name]] = result.metrics["baseline_miou"]
             scores["per_image"][GATE_METRICS[name]] = result.per_image[key]
+            scores["per_image"]["baseline_miou"] = result.per_image["baseline_miou"]
             scores["ids"] = result.per_image["ids"]
             if name == "seg":
                 scores.update({k: result.metrics[k] for k in ("miou_cam", "miou_pseudo") if k in result.metrics})
             out(f"{label}: held-out {split} {GATE_METRICS[name]} = {scores[GATE_METRICS[name]]:.4f} "
-                f"({time.perf_counter() - started:.1f} s)")
+                f"(all-background {scores[BASELINE_KEYS[name]]:.4f}; {time.perf_counter() - started:.1f} s)")
     return scores
 
 
@@ -197,13 +268,21 @@ def promote(
     metric: str = "seg_msf",
     min_delta: float = 0.0,
     alpha: float = 0.05,
+    baseline_margin: float = 0.0,
+    force: bool = False,
     dry_run: bool = False,
     out: Printer = print,
     address: str | None = None,
 ) -> dict[str, Any]:
     """Promote the best configuration of `sweep` (default: the latest sweep); returns the decision.
 
+    Args:
+        baseline_margin: the held-out score (protocol `metric`) must beat the all-background mIoU of the same
+            images by more than this.
+        force: go on (and say so on the version) when it does not.
+
     Raises:
+        PromotionRefused: the candidate does not beat the all-background mIoU and `force` is not set.
         PromotionError: unknown sweep, no completed trial, unknown metric.
     """
     from orchestration.sweep import SweepError, _read_spec, load_leaderboard, sweep_paths
@@ -223,10 +302,14 @@ def promote(
     row = selection.row
     out(f"sweep {sweep}: promoting trial {row['trial']}: {selection.reason}")
     out(f"  params: {json.dumps(row['params'], sort_keys=True)}")
+    if row.get("baseline_miou") is not None:
+        out(f"  cv mIoU {row['cv_miou_mean']:.4f}; all-background mIoU of its folds' images "
+            f"{row['baseline_miou']:.4f}")
     decision: dict[str, Any] = {
         "sweep": sweep, "model_name": model_name, "metric": GATE_METRICS[metric], "dry_run": dry_run,
         "candidate": {"trial": row["trial"], "params": row["params"], "cv_miou_mean": row["cv_miou_mean"],
                       "cv_miou_std": row["cv_miou_std"], "fold_scores": row["fold_scores"],
+                      "baseline_miou": row.get("baseline_miou"),
                       "lower_bound": selection.lower_bound, "selection": selection.reason},
         "candidates": selection.candidates,
     }
@@ -248,6 +331,7 @@ def promote(
 
     from cpews.config import TrainConfig
     from cpews.evaluation import load_model
+    from cpews.training import keys
     from cpews.training.checkpoint import file_sha256, save_checkpoint
     from orchestration.sweep import _ray_session
 
@@ -274,6 +358,27 @@ def promote(
     data_root = resolve_data_root(cfg)
     split = cfg.data.val_split
     candidate_scores = _evaluate_heldout(loaded, cfg, data_root, split, out, "candidate")
+    key = GATE_METRICS[metric]
+    candidate_scores["baseline_miou"] = candidate_scores[BASELINE_KEYS[metric]]
+    check = baseline_check(candidate_scores[key], candidate_scores["baseline_miou"], metric=key,
+                           margin=baseline_margin)
+    cv_warning = cv_drop_warning(candidate_scores[key], row["fold_scores"], metric=key)
+    decision.update({"baseline_check": check._asdict(), "forced": False, "refused": False,
+                     "warnings": [cv_warning] if cv_warning else [],
+                     "heldout": {k: v for k, v in candidate_scores.items() if k not in ("per_image", "ids")}})
+    out(f"baseline: {check.reason}")
+    if cv_warning:
+        out(f"warning: {cv_warning}")
+    if not check.passed and not force:
+        message = (f"refusing trial {row['trial']}: {check.reason}; nothing registered "
+                   "(--force registers it anyway)")
+        decision.update({"promoted": False, "refused": True, "version": None, "reason": message})
+        report = {"candidate": candidate_scores, "decision": decision}
+        (work / "evaluation.json").write_text(json.dumps(finite(report), indent=1, default=str))
+        raise PromotionRefused(message, finite(decision))
+    if not check.passed:
+        decision["forced"] = True
+        out(f"forced: {check.reason}; going on because of --force")
     champion_scores = None
     if champion_version is not None:
         champion = mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION_ALIAS}")  # verifies its sha256
@@ -281,7 +386,6 @@ def promote(
                                             f"champion v{champion_version.version}")
         if champion_scores["ids"] != candidate_scores["ids"]:
             raise PromotionError("the champion and the candidate were not scored on the same images")
-        key = GATE_METRICS[metric]
         gate = paired_gate(candidate_scores["per_image"][key], champion_scores["per_image"][key],
                            min_delta=min_delta, alpha=alpha)
     else:
@@ -289,14 +393,20 @@ def promote(
                           math.nan, math.nan, math.nan, min_delta, alpha)
     out(f"gate: {gate.reason}")
 
-    heldout = {f"heldout/{GATE_METRICS[m]}": candidate_scores[GATE_METRICS[m]] for m in GATE_METRICS}
+    reported = (*GATE_METRICS.values(), *BASELINE_KEYS.values())
+    heldout = {f"heldout/{name}": candidate_scores[name] for name in reported}
+    cv = {keys.CV_MIOU_SEG_MEAN: row["cv_miou_mean"], keys.CV_MIOU_SEG_STD: row["cv_miou_std"] or 0.0}
+    if row.get("baseline_miou") is not None:
+        cv[keys.CV_BASELINE_MIOU_MEAN] = row["baseline_miou"]
+    baseline_tag = "forced" if decision["forced"] else "passed"
     with mlflow.start_run(experiment_id=state["experiment_id"], run_name=f"promote {row['trial']}",
                           tags={"cpews.kind": "promotion", "cpews.sweep": sweep, "cpews.trial_id": row["trial"],
-                                "mlflow.parentRunId": state["parent_run_id"]}) as run:
+                                "mlflow.parentRunId": state["parent_run_id"], "cpews.baseline_check": baseline_tag,
+                                **({"cpews.warning": cv_warning} if cv_warning else {})}) as run:
         mlflow.log_params(cfg.to_flat_dict())
-        mlflow.log_metrics({**heldout, "cv/miou_seg_mean": row["cv_miou_mean"],
-                            "cv/miou_seg_std": row["cv_miou_std"] or 0.0})
-        evaluation = {"candidate": candidate_scores, "champion": champion_scores, "gate": gate._asdict()}
+        mlflow.log_metrics({**heldout, **cv})
+        evaluation = {"candidate": candidate_scores, "champion": champion_scores, "gate": gate._asdict(),
+                      "baseline_check": check._asdict(), "warnings": decision["warnings"]}
         (work / "evaluation.json").write_text(json.dumps(finite(evaluation), indent=1, default=str))
         mlflow.log_artifact(str(work / "evaluation.json"))
         with warnings.catch_warnings():  # MLflow asks for type hints on predict; inputs are checked in as_images
@@ -313,6 +423,9 @@ def promote(
         "gate_mean_difference": f"{gate.mean_difference:.6f}", "gate_min_delta": f"{min_delta}",
         "champion_compared": champion_version.version if champion_version else "none",
         **{f"heldout_{GATE_METRICS[m]}": f"{candidate_scores[GATE_METRICS[m]]:.6f}" for m in GATE_METRICS},
+        **{f"heldout_{BASELINE_KEYS[m]}": f"{candidate_scores[BASELINE_KEYS[m]]:.6f}" for m in GATE_METRICS},
+        "baseline_check": baseline_tag, "baseline_reason": check.reason,
+        "cv_drop_warning": cv_warning or "none",
     }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version.version, key, str(value))

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,6 +41,7 @@ from orchestration.tracking import (
     runs_left_running,
 )
 from orchestration.trial import (
+    CV_BASELINE,
     CV_MEAN,
     CV_STD,
     FIRST_STEP_AT,
@@ -418,7 +420,8 @@ def _safe_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]:
 def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]:
     """One row per trial of the sweep's Tune experiment, best first (completed by score, then the rest).
 
-    Row keys: rank, trial, params (the searched keys), cv_miou_mean, cv_miou_std, folds_completed, status,
+    Row keys: rank, trial, params (the searched keys), cv_miou_mean, cv_miou_std, baseline_miou (the mean over
+    the trial's finished folds of the all-background mIoU of their images), folds_completed, status,
     wall_time_s, fold_scores, mlflow_run_id, error, path, timings (time/... seconds).
     """
     from ray.tune import ExperimentAnalysis
@@ -442,11 +445,14 @@ def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]
                 with trial.checkpoint.as_directory() as directory:
                     trial_state = json.loads((Path(directory) / TRIAL_STATE_FILE).read_text())
         mean = last.get(CV_MEAN)
+        baselines = [float(b) for b in trial_state.get("fold_baselines", [])]
+        baseline = statistics.fmean(baselines) if baselines else last.get(CV_BASELINE)
         rows.append({
             "trial": trial.trial_id,
             "params": trial_params(trial.config or {}),
             "cv_miou_mean": mean if mean is not None and math.isfinite(mean) else None,
             "cv_miou_std": last.get(CV_STD) if mean is not None and math.isfinite(mean) else None,
+            "baseline_miou": baseline if baseline is not None and math.isfinite(baseline) else None,
             "folds_completed": int(last.get(FOLDS_COMPLETED, 0) or 0),
             "status": status,
             "wall_time_s": last.get("time_total_s"),
@@ -490,21 +496,24 @@ def load_leaderboard(name: str, *, run_dir: Path = Path("runs")) -> list[dict[st
 
 
 def format_leaderboard(rows: Sequence[Mapping[str, Any]], spec: SweepSpec) -> str:
-    """The leaderboard as a text table: rank, trial, searched params, mean ± std fold mIoU, folds, status, wall."""
+    """The leaderboard as a text table: rank, trial, searched params, mean ± std fold mIoU, the all-background
+    mIoU of the same images, folds, status, wall; a footer states that floor and how many trials beat it."""
     keys = spec.searched_keys()
     short = {key: key.split(".", 1)[-1] for key in keys}
-    header = ["rank", "trial", *[short[k] for k in keys], "cv mIoU (mean ± std)", "folds", "status", "wall s"]
+    header = ["rank", "trial", *[short[k] for k in keys], "cv mIoU (mean ± std)", "bkg mIoU", "folds", "status",
+              "wall s"]
     table = [header]
     for row in rows:
         mean, std = row.get("cv_miou_mean"), row.get("cv_miou_std")
         score = "-" if mean is None else f"{mean:.4f} ± {std or 0.0:.4f}"
+        baseline = row.get("baseline_miou")
         cells = [str(row["rank"]), str(row["trial"])]
         for key in keys:
             value = row["params"].get(key, "-")
             cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
         wall = row.get("wall_time_s")
-        cells += [score, f"{row['folds_completed']}/{spec.folds.k}", row["status"],
-                  "-" if wall is None else f"{wall:.0f}"]
+        cells += [score, "-" if baseline is None else f"{baseline:.4f}", f"{row['folds_completed']}/{spec.folds.k}",
+                  row["status"], "-" if wall is None else f"{wall:.0f}"]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = [f"leaderboard of sweep {spec.name} (objective {spec.objective.metric}, {spec.objective.mode})"]
@@ -512,4 +521,22 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]], spec: SweepSpec) -> st
         lines.append("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(r)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    footer = _baseline_footer(rows)
+    if footer:
+        lines.append(footer)
     return "\n".join(lines)
+
+
+def _baseline_footer(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The all-background mIoU of the completed trials' images (every fold, so the same for all of them) and
+    how many of those trials beat it; without a completed trial, the range over the trials' finished folds."""
+    completed = [r for r in rows if r["status"] == "completed" and r.get("baseline_miou") is not None]
+    scored = completed or [r for r in rows if r.get("baseline_miou") is not None]
+    if not scored:
+        return None
+    low, high = (f"{f(r['baseline_miou'] for r in scored):.4f}" for f in (min, max))
+    text = f"all-background mIoU of the same images: {low if low == high else f'{low}-{high}'}"
+    if not completed:
+        return f"{text} (by the folds each trial finished)"
+    above = sum((r.get("cv_miou_mean") or 0.0) > r["baseline_miou"] for r in completed)
+    return f"{text} (completed trials, every fold); {above} of {len(completed)} completed trials beat it"

@@ -42,6 +42,7 @@ FOLDS_STARTED_LOG = "folds_started.log"
 # Tune result keys: the cross-validation metrics of cpews.training.keys, and the trial's own bookkeeping
 CV_MEAN = keys.CV_MIOU_SEG_MEAN
 CV_STD = keys.CV_MIOU_SEG_STD
+CV_BASELINE = keys.CV_BASELINE_MIOU_MEAN
 FOLDS_COMPLETED = keys.CV_FOLDS_COMPLETED
 FOLD_SCORE = keys.FOLD_MIOU_SEG
 FOLD_INDEX = "cv/fold"  # the fold the result is about
@@ -95,6 +96,7 @@ class TrialState:
     """The trial's progress, saved in each of its Tune checkpoints."""
 
     fold_scores: list[float] = dataclasses.field(default_factory=list)
+    fold_baselines: list[float] = dataclasses.field(default_factory=list)  # val/baseline_miou of each fold
     trial_run_id: str | None = None
     fold_run_ids: dict[str, str] = dataclasses.field(default_factory=dict)
     fold_in_progress: int | None = None
@@ -118,12 +120,15 @@ def trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def cv_metrics(scores: list[float]) -> dict[str, float]:
-    """Mean and population std of the fold scores so far; NaN mean before the first fold ends."""
+def cv_metrics(scores: list[float], baselines: list[float]) -> dict[str, float]:
+    """Mean and population std of the fold scores so far, and the mean all-background mIoU of those folds
+    (`baselines`, one per fold; NaN when none was recorded); NaN means before the first fold ends."""
+    baseline = statistics.fmean(baselines) if baselines else math.nan
     if not scores:
-        return {CV_MEAN: math.nan, CV_STD: math.nan, FOLDS_COMPLETED: 0.0}
+        return {CV_MEAN: math.nan, CV_STD: math.nan, CV_BASELINE: baseline, FOLDS_COMPLETED: 0.0}
     std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-    return {CV_MEAN: statistics.fmean(scores), CV_STD: std, FOLDS_COMPLETED: float(len(scores))}
+    return {CV_MEAN: statistics.fmean(scores), CV_STD: std, CV_BASELINE: baseline,
+            FOLDS_COMPLETED: float(len(scores))}
 
 
 def trial_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -192,7 +197,7 @@ class FoldReporter:
         result = {
             **values,
             keys.TRAIN_ITERATION: float(it),
-            **cv_metrics(self.state.fold_scores),
+            **cv_metrics(self.state.fold_scores, self.state.fold_baselines),
             FOLD_INDEX: float(self.fold),
             FOLD_END: 0.0,
         }
@@ -379,9 +384,10 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
         fold_run.set_tags({TAG_POOL_CACHE: cache})
         fold_run.end("FINISHED")
         state.fold_scores.append(score)
+        state.fold_baselines.append(float(result.metrics.get(keys.VAL_BASELINE_MIOU, math.nan)))
         state.fold_in_progress, state.fold_iteration = None, 0
         state.timings["time/artifacts_s"] += time.perf_counter() - artifacts_started
-        summary = cv_metrics(state.fold_scores)
+        summary = cv_metrics(state.fold_scores, state.fold_baselines)
         trial_run.log_metrics({FOLD_SCORE: score}, step=fold)
         trial_run.log_metrics(
             {**summary, **state.timings, "pool/cache_hits": state.pool_cache["hit"],

@@ -20,7 +20,14 @@ from torch import Tensor
 from cpews.cam import cams_to_labels, multiscale_cams, rescale_images
 from cpews.config import TrainConfig
 from cpews.crf import dense_crf
-from cpews.metrics import ConfusionMeter, confusion_matrix, multilabel_f1, segmentation_scores
+from cpews.metrics import (
+    ConfusionMeter,
+    all_background_confusion,
+    baseline_miou,
+    confusion_matrix,
+    multilabel_f1,
+    segmentation_scores,
+)
 from cpews.model import CpewsNet, CpewsOutput
 from cpews.refine import images_for_par, refine_pseudo_labels
 
@@ -28,9 +35,12 @@ SCORE_NAMES = ("cam", "aux_cam", "pseudo", "seg")
 
 
 class EvalResult(NamedTuple):
-    metrics: dict[str, float]  # miou_cam, miou_aux_cam, miou_pseudo, miou_seg, f1, ... (fractions)
+    # miou_cam, miou_aux_cam, miou_pseudo, miou_seg, f1, ... (fractions); baseline_miou = the mIoU of predicting
+    # background everywhere on the same images (the floor every miou_* must beat)
+    metrics: dict[str, float]
     per_class: list[dict[str, object]]  # one row per class: name and IoU of each score
-    # with `evaluate(..., per_image=True)`: {"ids": [...], "miou_<score>": [one mIoU per image], ...}
+    # with `evaluate(..., per_image=True)`: {"ids": [...], "miou_<score>": [one mIoU per image], ...,
+    # "baseline_miou": [the all-background mIoU of each image]}
     per_image: dict[str, list] | None = None
 
 
@@ -184,11 +194,15 @@ def evaluate(
             single scale at `eval.size`.
         crf: apply the dense CRF (§9.4) to the segmentation probabilities (implies per-image work).
         per_image: also return each image's mIoU per score (`EvalResult.per_image`), e.g. for paired tests.
+
+    `metrics["baseline_miou"]` is the mIoU of an all-background prediction on the same label maps, scored by the
+    same code (`cpews.metrics.all_background_confusion`).
     """
     was_training = model.training
     model.eval()
     num_classes = len(class_names)
     meters = {name: ConfusionMeter(num_classes) for name in SCORE_NAMES}
+    background = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # all-background prediction
     if crf:
         meters["seg_crf"] = ConfusionMeter(num_classes)
     label = confounded_label(data_root)
@@ -204,10 +218,12 @@ def evaluate(
             mask = sample["mask"].to(device)
             for name, pred in predictions.items():
                 meters[name].update(pred, mask)
+            background += all_background_confusion(mask, num_classes).cpu()
             if images is not None:
                 images["ids"].append(str(sample.get("name", first + j)))
                 for name, pred in predictions.items():
                     images.setdefault(f"miou_{name}", []).append(image_miou(pred, mask, num_classes))
+                images.setdefault("baseline_miou", []).append(baseline_miou(mask, num_classes))
             if confounder is not None and "confounder_mask" in sample:
                 confounder.update(
                     sample["confounder_mask"].to(device),
@@ -218,9 +234,9 @@ def evaluate(
         all_logits.append(output.logits.float().cpu())
         all_labels.append(labels.cpu())
     model.train(was_training)
-    return _collect(meters, class_names, all_logits, all_labels, confounder, label, count)._replace(
-        per_image=images
-    )
+    result = _collect(meters, class_names, all_logits, all_labels, confounder, label, count)
+    result.metrics["baseline_miou"] = float(segmentation_scores(background).miou)
+    return result._replace(per_image=images)
 
 
 def _crf_labels(rgb: Tensor, probs: Tensor, size: tuple[int, int], cfg: TrainConfig) -> Tensor:

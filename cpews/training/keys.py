@@ -22,6 +22,7 @@ VAL_MIOU_AUX_CAM = "val/miou_aux_cam"
 VAL_MIOU_PSEUDO = "val/miou_pseudo"
 VAL_MIOU_SEG = "val/miou_seg"
 VAL_MIOU = VAL_MIOU_SEG  # the headline validation score
+VAL_BASELINE_MIOU = "val/baseline_miou"  # mIoU of predicting background everywhere on the same images: the floor
 VAL_F1 = "val/f1"
 VAL_PSEUDO_IGNORED = "val/pseudo_ignored_fraction"
 VAL_CONFOUNDER_FALSE_ACTIVATION = "val/confounder_false_activation"
@@ -41,5 +42,6 @@ def loss_key(term: str) -> str:
 # K-fold cross-validation (written by the sweep's trial, orchestration/trial.py)
 CV_MIOU_SEG_MEAN = "cv/miou_seg_mean"  # mean over the folds trained so far of val/miou_seg (the objective)
 CV_MIOU_SEG_STD = "cv/miou_seg_std"  # their population standard deviation
+CV_BASELINE_MIOU_MEAN = "cv/baseline_miou_mean"  # mean over the same folds of val/baseline_miou
 CV_FOLDS_COMPLETED = "cv/folds_completed"
 FOLD_MIOU_SEG = "fold/miou_seg"  # val/miou_seg of the fold just finished

@@ -78,6 +78,7 @@ def validation_metrics(result: EvalResult) -> dict[str, float]:
         keys.VAL_MIOU_AUX_CAM: m["miou_aux_cam"],
         keys.VAL_MIOU_PSEUDO: m["miou_pseudo"],
         keys.VAL_MIOU_SEG: m["miou_seg"],
+        keys.VAL_BASELINE_MIOU: m["baseline_miou"],
         keys.VAL_PSEUDO_IGNORED: m["pseudo_ignored_fraction"],
     }
     if "f1" in m:

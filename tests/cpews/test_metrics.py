@@ -10,6 +10,8 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from cpews.metrics import (
     ConfusionMeter,
     SegmentationScores,
+    all_background_confusion,
+    baseline_miou,
     confusion_matrix,
     ignored_prediction_fraction,
     multilabel_f1,
@@ -47,6 +49,34 @@ def test_class_absent_from_gt_is_excluded():
     assert math.isnan(scores.iou[2]) and math.isnan(scores.iou[3])
     # IoU0 = 1/(2+1-1) = 1/2, IoU1 = 1 -> mIoU 0.75
     assert scores.miou == pytest.approx(0.75)
+
+
+def test_baseline_miou_hand_case():
+    """All-background prediction on a 2x3 map with an ignore pixel; class 2 is absent from the image."""
+    gt = torch.tensor([[0, 1, 1], [255, 0, 3]])
+    # counted (g, p) pairs, p = 0 everywhere: (0,0) x2, (1,0) x2, (3,0) x1; the 255 pixel is skipped
+    expected = torch.tensor([[2, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    assert torch.equal(all_background_confusion(gt, num_classes=4), expected)
+    # IoU0 = 2 / (2 + 5 - 2) = 2/5; IoU1 = 0 / 2 = 0; IoU3 = 0 / 1 = 0; class 2 absent (NaN, left out)
+    assert baseline_miou(gt, num_classes=4) == pytest.approx((2 / 5 + 0 + 0) / 3)
+    # the same number as scoring an explicit all-zero prediction with the general metric code
+    explicit = segmentation_scores(confusion_matrix(torch.zeros_like(gt), gt, num_classes=4)).miou
+    assert baseline_miou(gt, num_classes=4) == explicit
+
+
+def test_baseline_miou_edge_cases():
+    # only background in the GT: all-background is perfect
+    assert baseline_miou(torch.zeros(2, 2, dtype=torch.long), num_classes=3) == 1.0
+    # no background pixel: IoU 0 for every present class
+    assert baseline_miou(torch.tensor([1, 2, 2]), num_classes=3) == 0.0
+    # nothing labelled: NaN, like every other mIoU of an empty matrix
+    assert math.isnan(baseline_miou(torch.full((2, 2), 255), num_classes=3))
+    # a batch (B, H, W) is pooled into one matrix; labels out of range are an error as elsewhere
+    batch = torch.tensor([[[0, 1]], [[1, 1]]])
+    # (0,0) x1, (1,0) x3 -> IoU0 = 1 / (1 + 4 - 1) = 1/4, IoU1 = 0
+    assert baseline_miou(batch, num_classes=2) == pytest.approx(1 / 8)
+    with pytest.raises(ValueError):
+        baseline_miou(torch.tensor([0, 5]), num_classes=3)
 
 
 def test_miou_matches_sklearn_on_random_data():

@@ -73,8 +73,15 @@ def test_eval_json_prints_one_object(cli_run: Path, tmp_path: Path):
     # CAMs and pseudo labels are scored exactly as in the trainer's final validation (same images, eval.size,
     # scales); only the segmentation switches to the final protocol (flip sum)
     trained = json.loads((cli_run / "metrics.json").read_text())
-    for key in ("miou_cam", "miou_aux_cam", "miou_pseudo"):
+    for key in ("miou_cam", "miou_aux_cam", "miou_pseudo", "baseline_miou"):
         assert result[key] == pytest.approx(trained[f"val/{key}"], abs=1e-9), key
+
+
+def test_eval_text_shows_the_all_background_miou(cli_run: Path, tmp_path: Path):
+    proc = cpews("eval", "--checkpoint", cli_run / "last.pt", "--device", "cpu", "--max-images", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [line for line in proc.stdout.splitlines() if line.split()[:1] == ["baseline_miou"]]
+    assert 0.0 <= float(line.split()[-1]) <= 1.0, line
 
 
 def test_eval_crf_json_on_the_first_images(cli_run: Path, tmp_path: Path):

@@ -73,6 +73,39 @@ def test_paired_gate_by_hand() -> None:
         paired_gate([0.1], [0.1, 0.2])
 
 
+def test_baseline_check_refuses_a_score_that_does_not_beat_the_all_background_miou() -> None:
+    from orchestration.promote import baseline_check
+
+    below = baseline_check(0.108, 0.129, metric="miou_seg_msf")
+    assert not below.passed and (below.score, below.baseline, below.margin) == (0.108, 0.129, 0.0)
+    assert "0.1080" in below.reason and "0.1290" in below.reason and "miou_seg_msf" in below.reason
+    assert not baseline_check(0.129, 0.129, metric="miou_seg_msf").passed  # a tie does not beat it
+    above = baseline_check(0.45, 0.129, metric="miou_seg_msf")
+    assert above.passed and "beats" in above.reason
+    # a margin: the score must exceed the baseline by more than it (negative: a little below passes)
+    assert not baseline_check(0.2, 0.129, metric="miou_seg", margin=0.1).passed
+    assert baseline_check(0.12, 0.129, metric="miou_seg", margin=-0.01).passed
+    # no score (no labelled pixel): nothing shows that the model beats the floor
+    assert not baseline_check(math.nan, math.nan, metric="miou_seg").passed
+
+
+def test_cv_drop_warning_after_three_sample_stds() -> None:
+    """Folds 0.50, 0.52, 0.54: mean 0.52, sample std (ddof 1) 0.02, so the line is 0.52 - 3 x 0.02 = 0.46."""
+    from orchestration.promote import cv_drop_warning
+
+    folds = [0.50, 0.52, 0.54]
+    text = cv_drop_warning(0.44, folds, metric="miou_seg_msf")
+    assert text is not None
+    assert "0.4400" in text and "0.5200" in text and "0.0200" in text and "4.0 fold std" in text
+    assert cv_drop_warning(0.47, folds, metric="miou_seg_msf") is None
+    assert cv_drop_warning(0.60, folds, metric="miou_seg_msf") is None  # above the mean: no warning
+    # one fold has no std: no warning; identical folds: any drop is more than 3 x 0
+    assert cv_drop_warning(0.1, [0.5], metric="miou_seg") is None
+    assert cv_drop_warning(0.49, [0.5, 0.5], metric="miou_seg") is not None
+    assert cv_drop_warning(0.5, [0.5, 0.5], metric="miou_seg") is None
+    assert cv_drop_warning(math.nan, folds, metric="miou_seg") is None
+
+
 def cpews(*args, env: dict, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestration.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -80,8 +113,12 @@ def cpews(*args, env: dict, cwd: Path = REPO, timeout: int = 600) -> subprocess.
 
 @pytest.fixture(scope="module")
 def promoted(synthetic_data_dir: Path, mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A smoke sweep logged to the server, then three promotions of it: the first (no champion), one that
-    must beat the champion by a whole mIoU point (loses), one with a margin of -1 (wins over the champion)."""
+    """A smoke sweep logged to the server, then promotions of it: the first (no champion), one that must beat
+    the champion by a whole mIoU point (loses), one that must beat the all-background mIoU by a whole point
+    (refused: nothing registered), and that one again with --force and a champion margin of -1 (wins).
+
+    A smoke model's score sits near the all-background mIoU, on either side of it; the baseline margins make
+    the check's outcome certain: -1 always passes, +1 never does."""
     mlflow_server.start()
     work = tmp_path_factory.mktemp("promote")
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": "1",
@@ -91,21 +128,26 @@ def promoted(synthetic_data_dir: Path, mlflow_server, tmp_path_factory: pytest.T
     model = "cpews-test"
     sweep = cpews("sweep", "run", "demo", "--smoke", "--name", "promo", "--run-dir", run_dir, env=env)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    decisions = []
-    for margin in ("0", "1.0", "-1.0"):
+    from mlflow.tracking import MlflowClient
+
+    decisions, versions = [], []
+    for margin, baseline_margin, extra in (("0", "-1", ()), ("1.0", "-1", ()), ("-1.0", "1", ()),
+                                           ("-1.0", "1", ("--force",))):
         proc = cpews("promote", "promo", "--json", "--model-name", model, "--min-delta", margin,
-                     "--run-dir", run_dir, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        decisions.append(json.loads(proc.stdout))
-    return {"env": env, "run_dir": run_dir, "model": model, "decisions": decisions, "uri": mlflow_server.uri,
-            "work": work}
+                     "--baseline-margin", baseline_margin, *extra, "--run-dir", run_dir, env=env)
+        refused = baseline_margin == "1" and not extra
+        assert proc.returncode == (1 if refused else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+        decisions.append({**json.loads(proc.stdout), "stderr": proc.stderr})
+        versions.append(len(MlflowClient(mlflow_server.uri).search_model_versions(f"name='{model}'")))
+    return {"env": env, "run_dir": run_dir, "model": model, "decisions": decisions, "versions": versions,
+            "uri": mlflow_server.uri, "work": work}
 
 
 @pytest.mark.ray
 def test_promotions_move_the_champion_only_through_the_gate(promoted: dict) -> None:
     from mlflow.tracking import MlflowClient
 
-    first, lost, won = promoted["decisions"]
+    first, lost, _refused, won = promoted["decisions"]
     assert (first["promoted"], first["version"], first["champion_version_before"]) == (True, "1", None)
     assert first["reason"] == "first promotion: no champion to beat"
     assert set(first["heldout"]) >= {"miou_seg", "miou_seg_msf", "miou_seg_crf"}
@@ -129,6 +171,54 @@ def test_promotions_move_the_champion_only_through_the_gate(promoted: dict) -> N
     for v in ("1", "2", "3"):
         assert tags[v]["source_sweep"] == "promo" and tags[v]["source_trial"] == first["candidate"]["trial"]
         assert len(tags[v]["weights_sha256"]) == 64
+        baseline = float(tags[v]["heldout_baseline_miou_seg_msf"])  # a tag: 6 decimals
+        assert baseline == pytest.approx(first["heldout"]["baseline_miou"], abs=1e-6)
+    assert [tags[v]["baseline_check"] for v in ("1", "2", "3")] == ["passed", "passed", "forced"]
+
+
+@pytest.mark.ray
+def test_promotion_reports_the_all_background_miou_of_the_held_out_images(promoted: dict) -> None:
+    from cpews.metrics import all_background_confusion, segmentation_scores
+    from cpews.training import load_checkpoint
+    from cpews.training.data import class_names, eval_dataset, resolve_data_root
+
+    first = promoted["decisions"][0]
+    heldout = first["heldout"]
+    # the floor depends on the held-out masks only: the same for every protocol, and recomputed here from the
+    # masks of the refit's held-out split
+    weights = sorted((promoted["run_dir"] / "sweeps" / "promo" / "promotions").glob("*/weights.pt"))[0]
+    cfg = load_checkpoint(weights).cfg
+    dataset = eval_dataset(cfg, resolve_data_root(cfg))
+    assert len(dataset) == heldout["images"]
+    confusion = sum(all_background_confusion(dataset[i]["mask"], len(class_names(cfg))) for i in range(len(dataset)))
+    expected = segmentation_scores(confusion).miou
+    for protocol in ("miou_seg", "miou_seg_msf", "miou_seg_crf"):
+        assert heldout[f"baseline_{protocol}"] == pytest.approx(expected), protocol
+    assert heldout["baseline_miou"] == pytest.approx(expected)
+    assert first["baseline_check"]["baseline"] == pytest.approx(expected)
+    assert first["baseline_check"]["score"] == pytest.approx(heldout["miou_seg_msf"])  # the gate's protocol
+    assert (first["baseline_check"]["passed"], first["forced"]) == (True, False)
+    assert isinstance(first["warnings"], list)
+    assert first["candidate"]["baseline_miou"] is not None  # the mean over the trial's folds
+
+
+@pytest.mark.ray
+def test_a_candidate_below_the_baseline_is_refused_unless_forced(promoted: dict) -> None:
+    first, _, refused, forced = promoted["decisions"]
+    # refused: exit 1, a clear error line with both numbers, nothing registered, @champion untouched
+    assert (refused["promoted"], refused["refused"], refused["version"]) == (False, True, None)
+    assert promoted["versions"] == [1, 2, 2, 3]
+    check = refused["baseline_check"]
+    assert not check["passed"] and check["margin"] == 1.0
+    error = [line for line in refused["stderr"].splitlines() if line.startswith("cpews promote: error: ")]
+    assert len(error) == 1, refused["stderr"][-3000:]
+    assert f"{check['score']:.4f}" in error[0] and f"{check['baseline']:.4f}" in error[0]
+    assert "--force" in error[0] and "Traceback" not in refused["stderr"]
+    assert refused["heldout"]["miou_seg_msf"] == pytest.approx(first["heldout"]["miou_seg_msf"])
+    # --force: the same candidate goes on to the gate, and says that it was forced
+    assert (forced["forced"], forced["refused"], forced["version"], forced["promoted"]) == (True, False, "3", True)
+    assert not forced["baseline_check"]["passed"]
+    assert "forced" in forced["stderr"]
 
 
 @pytest.mark.ray

@@ -126,6 +126,7 @@ def test_micro_sweep_against_tracking_server_with_outage(
         history = client.get_metric_history(run.info.run_id, "fold/miou_seg")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(row["fold_scores"])
+        assert run.data.metrics["cv/baseline_miou_mean"] == pytest.approx(row["baseline_miou"])
 
     # fold runs: per-step training metrics, final validation, pool + overlays + checkpoint artifacts
     cache = {}
@@ -133,6 +134,7 @@ def test_micro_sweep_against_tracking_server_with_outage(
         run_id = run.info.run_id
         assert len(client.get_metric_history(run_id, "train/loss")) == 4  # log_every 2 over 8 iterations
         assert "val/miou_seg" in run.data.metrics
+        assert 0.0 <= run.data.metrics["val/baseline_miou"] <= 1.0  # the all-background mIoU of the fold
         names = {a.path for a in client.list_artifacts(run_id)}
         assert {"pool", "overlays", "checkpoint", "config.yaml", "metrics.json"} <= names
         pool_files = {Path(a.path).name for a in client.list_artifacts(run_id, "pool")}
@@ -164,6 +166,55 @@ def test_micro_sweep_against_tracking_server_with_outage(
     ]
     assert board[0]["cv_miou_mean"] == pytest.approx(outcome.rows[0]["cv_miou_mean"])
     assert set(board[0]["params"]) == {"loss.pdl_weight"}
+    # both trials scored the same fold images: the same all-background mIoU, the mean of the fold runs' own
+    fold_baselines = sorted(r.data.metrics["val/baseline_miou"] for r in folds)
+    assert fold_baselines[0::2] == pytest.approx(fold_baselines[1::2])  # each fold twice, once per trial
+    for entry in board:
+        assert entry["baseline_miou"] == pytest.approx(sum(fold_baselines) / len(fold_baselines))
+    saved = json.loads((tmp_path / "runs" / "sweeps" / spec.name / "leaderboard.json").read_text())
+    assert [t["baseline_miou"] for t in saved["trials"]] == pytest.approx([r["baseline_miou"] for r in board])
+    text = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "sweep", "leaderboard", spec.name, "--run-dir",
+         str(tmp_path / "runs")], capture_output=True, text=True, cwd=REPO, check=True,
+    ).stdout
+    assert f"all-background mIoU of the same images: {board[0]['baseline_miou']:.4f}" in text
+
+
+def _board_rows() -> list[dict]:
+    common = {"params": {"loss.pdl_weight": 0.1}, "wall_time_s": 12.0, "fold_scores": []}
+    return [
+        {**common, "rank": 1, "trial": "a", "cv_miou_mean": 0.5, "cv_miou_std": 0.01, "baseline_miou": 0.127,
+         "folds_completed": 2, "status": "completed"},
+        {**common, "rank": 2, "trial": "b", "cv_miou_mean": 0.11, "cv_miou_std": 0.02, "baseline_miou": 0.127,
+         "folds_completed": 2, "status": "completed"},
+        {**common, "rank": 3, "trial": "c", "cv_miou_mean": 0.09, "cv_miou_std": 0.0, "baseline_miou": 0.131,
+         "folds_completed": 1, "status": "pruned"},
+        {**common, "rank": 4, "trial": "d", "cv_miou_mean": None, "cv_miou_std": None, "baseline_miou": None,
+         "folds_completed": 0, "status": "failed"},
+    ]
+
+
+def test_text_leaderboard_shows_the_all_background_miou_per_trial_and_in_its_footer() -> None:
+    from orchestration.sweep import format_leaderboard
+
+    lines = format_leaderboard(_board_rows(), smoke_spec()).splitlines()
+    header = lines[1]
+    assert "bkg mIoU" in header
+    column = header.index("bkg mIoU")
+    cells = [line[column:].split()[0] for line in lines[3:7]]
+    assert cells == ["0.1270", "0.1270", "0.1310", "-"]
+    # completed trials saw every fold: their figure is the floor of the comparison; one of two beats it
+    assert lines[-1] == ("all-background mIoU of the same images: 0.1270 (completed trials, every fold); "
+                         "1 of 2 completed trials beat it")
+
+
+def test_text_leaderboard_without_a_completed_trial_states_the_range() -> None:
+    from orchestration.sweep import format_leaderboard
+
+    rows = [{**row, "status": "pruned"} for row in _board_rows()[:3]]
+    assert format_leaderboard(rows, smoke_spec()).splitlines()[-1] == (
+        "all-background mIoU of the same images: 0.1270-0.1310 (by the folds each trial finished)"
+    )
 
 
 def test_asha_pruned_trial_reaches_optuna_as_pruned(ray_env: None, tmp_path: Path) -> None:

@@ -242,6 +242,8 @@ def test_evaluate_scores_a_fake_model_by_hand(hand_dataset):
     for name in ("cam", "aux_cam", "pseudo"):
         assert m[f"miou_{name}"] == pytest.approx(background / total / 4), name
     assert m["pseudo_ignored_fraction"] == 0.0
+    # the floor: predicting background everywhere scores what the zero CAMs score, IoU_bg = 928 / 1008 over 4
+    assert m["baseline_miou"] == pytest.approx(background / total / 4)
     # image-level F1: boat predicted for a (TP) and b (FP); cars of b, c and the ball of d missed (FN 3)
     assert m["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 3))
     # water: 3 images x 4 rows x 16 = 192 px; seg says boat on all of them, the CAMs on none
@@ -276,6 +278,19 @@ def test_evaluate_max_images_scores_only_the_first_images(hand_dataset):
     assert not any(k.startswith("confounder") for k in m)
 
 
+def test_evaluate_per_image_has_the_all_background_miou_of_each_image(hand_dataset):
+    dataset = EvalDataset(hand_dataset, "synthetic", "val")
+    result = evaluate(BoatEverywhereModel(), dataset, _hand_cfg(), class_names=SYNTHETIC_CLASSES, per_image=True)
+    images = result.per_image
+    assert images["ids"] == ["a", "b", "c", "d"]
+    # a: 240 labelled px, boat 32, background 208 -> (208/240 + 0) / 2; b, c, d: one 16 px object on 256
+    # labelled px -> (240/256 + 0) / 2
+    assert images["baseline_miou"] == pytest.approx([208 / 240 / 2] + [240 / 256 / 2] * 3)
+    # boat everywhere: a scores IoU_boat = 32/240 over 2 present classes; the others score 0
+    assert images["miou_seg"] == pytest.approx([32 / 240 / 2, 0.0, 0.0, 0.0])
+    assert result.metrics["baseline_miou"] == pytest.approx(928 / 1008 / 4)
+
+
 def test_evaluate_final_protocol_on_a_real_model_gives_fractions(hand_dataset):
     torch.manual_seed(0)
     from cpews.model import build_model
@@ -288,4 +303,6 @@ def test_evaluate_final_protocol_on_a_real_model_gives_fractions(hand_dataset):
     )
     for key in ("miou_cam", "miou_aux_cam", "miou_pseudo", "miou_seg", "f1", "pseudo_ignored_fraction"):
         assert 0.0 <= result.metrics[key] <= 1.0, key
+    # the all-background floor depends on the ground truth only, not on the model or the protocol
+    assert result.metrics["baseline_miou"] == pytest.approx(928 / 1008 / 4)
     assert [row["class"] for row in result.per_class] == list(SYNTHETIC_CLASSES)

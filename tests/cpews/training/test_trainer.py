@@ -90,6 +90,15 @@ def test_reporter_gets_validation_metrics_with_checkpoint_dir_at_the_end(trained
     for key in VAL_MIOU_KEYS:
         assert 0.0 <= metrics[key] <= 1.0, key
     assert {k: v for k, v in metrics.items() if k.startswith("val/")} == trained_run.result.metrics
+    # beside the scores, the all-background mIoU of the same validation images (their masks alone decide it)
+    from cpews.metrics import all_background_confusion, segmentation_scores
+    from cpews.training.data import eval_dataset, resolve_data_root
+
+    cfg = trained_run.cfg
+    val = eval_dataset(cfg, resolve_data_root(cfg))
+    count = min(cfg.eval.max_images, len(val)) if cfg.eval.max_images > 0 else len(val)
+    confusion = sum(all_background_confusion(val[i]["mask"], len(SYNTHETIC_CLASSES)) for i in range(count))
+    assert metrics[keys.VAL_BASELINE_MIOU] == pytest.approx(segmentation_scores(confusion).miou)
     # train reports never carry a checkpoint dir
     assert all(d is None for m, d in trained_run.reports if keys.TRAIN_LOSS in m)
 
