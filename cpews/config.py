@@ -21,6 +21,7 @@ import yaml
 Scalar = Union[int, float, str, bool]  # noqa: UP007 - a runtime alias, also for Python 3.10
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+SYNTHETIC_WEIGHTS = "synthetic"  # model.weights: the backbone pretrained on the synthetic world (pretrain.*)
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vit_base_patch16_224"  # any timm ViT name [P][T]; deit_base_patch16_224 for Fig. 3
-    weights: str = ""  # "" random init; "hub" timm's pretrained tag; else a local state-dict path [T][D]
+    weights: str = ""  # "" random init; "hub" timm's pretrained tag; "synthetic" the pretrain.* backbone; else a path [T][D][I]
     img_size: int = 224  # grid of the learned positional embedding (interpolated per forward) [T]
     patch_size: int = 0  # 0 = the backbone's own; set for micro configs [D]
     embed_dim: int = 0  # 0 = the backbone's own (768 for ViT-B) [D]
@@ -152,6 +153,24 @@ class TrainLoopConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """The backbone pretraining behind `model.weights=synthetic` (cpews.training.pretrain): image labels only, on
+    a synthetic set of its own seed, as ImageNet is for VOC. Every field enters the cached file's content key."""
+
+    seed: int = 1000  # generator seed of the pretraining set; must differ from data.synthetic_seed [I]
+    images: int = 4000  # pretraining images (train_aug of that set) [I]
+    val_images: int = 200  # held-out images of that set, scored once at the end (CAM mIoU, F1) [I]
+    image_size: int = 64  # [I]
+    confounder_strength: float = 0.9  # P(water band | boat image) in the pretraining set [I]
+    iters: int = 3000  # optimizer steps [I]
+    cls_iters: int = 2500  # steps of classification alone; ISM and seg losses join after them [I]
+    batch_size: int = 16  # [I]
+    lr: float = 1e-3  # backbone lr (heads x optim.head_lr_mult) [I]
+    warmup_iters: int = 100  # [I]
+    cache_dir: str = ""  # where pretrained backbones are kept by content key; "" = <data dir>/pretrained; s3:// shared [I]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,6 +181,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_flat_dict(self) -> dict[str, Scalar]:
         """`{"section.field": scalar}`; tuples become comma-separated strings."""

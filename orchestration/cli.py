@@ -87,6 +87,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cpews.config import SYNTHETIC_WEIGHTS
+    from cpews.training.pretrain import content_key, ensure_pretrained
+
+    cfg = _load(args)
+    if cfg.model.weights != SYNTHETIC_WEIGHTS:
+        print(f"note: this config's model.weights is {cfg.model.weights!r}; set model.weights=synthetic to train "
+              "from the backbone made here", file=sys.stderr)
+    p = cfg.pretrain
+    print(f"pretraining {cfg.model.backbone} (dim {cfg.model.embed_dim or 'default'}, depth {cfg.model.depth or 'default'}"
+          f", patch {cfg.model.patch_size or 'default'}) on {p.images} synthetic images (seed {p.seed}) for {p.iters} "
+          f"iterations, image labels only; key {content_key(cfg)}", flush=True)
+    made = ensure_pretrained(cfg, progress=lambda text: print(text, flush=True), force=args.force)
+    metrics = made.meta.get("metrics", {})
+    if metrics:
+        print("held-out pretraining images: " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
+    print(f"backbone: {made.path}" + (" (cached)" if made.cached else ""))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(made.path, out)
+        print(f"copied to {out}: use it with --set model.weights={out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -344,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="runs/train", help="output folder (checkpoints, config copy)")
     tr.add_argument("--resume", default=None, help="checkpoint to resume from")
     tr.set_defaults(func=cmd_train)
+
+    pt = sub.add_parser("pretrain", help="pretrain the backbone on the synthetic world (image labels only); cached")
+    _add_config_args(pt)
+    pt.add_argument("--out", default=None, help="also copy the backbone state dict to this file")
+    pt.add_argument("--force", action="store_true", help="pretrain again even when the cache holds the backbone")
+    pt.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint (mIoU of CAM, aux CAM, pseudo label, segmentation)")
     ev.add_argument("--checkpoint", required=True)

@@ -27,7 +27,15 @@ from typing import Any, Literal, Protocol, get_origin
 
 import yaml
 
-from cpews.config import ConfigError, Scalar, TrainConfig, coerce_value, field_annotation, load_config
+from cpews.config import (
+    SYNTHETIC_WEIGHTS,
+    ConfigError,
+    Scalar,
+    TrainConfig,
+    coerce_value,
+    field_annotation,
+    load_config,
+)
 
 __all__ = [
     "DEFAULT_BASE_CONFIG",
@@ -985,7 +993,12 @@ class _Validator:
                     f"(relative to {os.getcwd()}); set fixed.data.root or --set fixed.data.root=PATH"
                 )
         weights = cfg.model.weights
-        if weights and weights != "hub" and not Path(weights).is_file():
+        if weights == SYNTHETIC_WEIGHTS and cfg.data.dataset == "synthetic" and cfg.pretrain.seed == cfg.data.synthetic_seed:
+            raise self.error(
+                f"{where('pretrain.seed')}: pretrain.seed={cfg.pretrain.seed} equals data.synthetic_seed: the "
+                "pretraining set would hold the images the trials train and score on"
+            )
+        if weights and weights not in ("hub", SYNTHETIC_WEIGHTS) and not Path(weights).is_file():
             raise self.error(f"{where('model.weights')}: model.weights file {weights!r} does not exist")
         if cfg.proto.source == "checkpoint" and not Path(cfg.proto.checkpoint).is_file():
             raise self.error(
@@ -1110,6 +1123,10 @@ def smoke(spec: SweepSpec) -> SweepSpec:
         settings["loss.ism_warmup_iters"] = 2
     if cfg.loss.seg_aux_label_iters >= 0:
         settings["loss.seg_aux_label_iters"] = _SMOKE_MAX_ITERS // 2
+    if cfg.model.weights == SYNTHETIC_WEIGHTS:  # a tiny pretraining: the path still runs, in seconds
+        settings.update({"pretrain.images": _SMOKE_MIN_SYNTHETIC_TRAIN, "pretrain.val_images": _SMOKE_SYNTHETIC_VAL,
+                         "pretrain.iters": _SMOKE_MAX_ITERS, "pretrain.cls_iters": _SMOKE_MAX_ITERS // 2,
+                         "pretrain.batch_size": 8, "pretrain.warmup_iters": 2})
     if cfg.data.dataset == "synthetic":
         batch = max(
             [cfg.train.batch_size]

@@ -256,11 +256,15 @@ def run_sweep(
         )
     store = resolve_store(run_dir)
     out(f"MLflow store: {store.tracking_uri}" + (f" (artifacts {store.artifact_root})" if store.artifact_root else ""))
+    from cpews.config import SYNTHETIC_WEIGHTS
     from cpews.training.data import resolve_data_root
+    from cpews.training.pretrain import ensure_pretrained
 
     base_cfg = spec.base_train_config()
     split = spec.folds.split or base_cfg.data.train_split
     data_root = resolve_data_root(base_cfg)  # generates the synthetic dataset on first use
+    if base_cfg.model.weights == SYNTHETIC_WEIGHTS:  # the pretrained backbone, made once before any trial starts
+        ensure_pretrained(base_cfg, progress=out)
     saved = split_folds(data_root, base_cfg.data.dataset, split, spec.folds.k, spec.folds.seed)
     from mlflow.tracking import MlflowClient
 

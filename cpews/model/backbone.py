@@ -105,27 +105,52 @@ def _to_map(tokens: Tensor, grid_h: int, grid_w: int) -> Tensor:
 
 
 def load_backbone_weights(vit: nn.Module, path: str | Path) -> None:
-    """Load a local timm/ViT state dict (head.* dropped, strict=False) safely (weights_only)."""
+    """Load a local timm/ViT state dict (weights_only) into `vit`: a timm ImageNet file or a `cpews pretrain` file.
+
+    `head.*` is dropped and a positional embedding of another grid is resampled; any other difference from the
+    backbone's own tensors (another architecture: a wrong width, depth or patch size) is refused.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a loadable state dict, or tensors that do not fit; the message names the file and the
+            tensors (name, file shape, model shape).
+    """
     path = Path(path)
+    where = f"model.weights={str(path)!r}"
     if not path.is_file():
-        raise FileNotFoundError(f"model.weights={str(path)!r}: no such file")
+        raise FileNotFoundError(f"{where}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"model.weights={str(path)!r}: not a loadable state dict: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{where}: not a loadable state dict ({type(exc).__name__}: {reason[:200]})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"model.weights={str(path)!r}: expected a state dict, got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{where}: expected a state dict of tensors, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+    own = vit.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
 
-        grid = vit.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=grid, num_prefix_tokens=vit.num_prefix_tokens
-        )
-    missing, _unexpected = vit.load_state_dict(state, strict=False)
-    if len(missing) == len(list(vit.state_dict())):
-        raise ValueError(f"model.weights={str(path)!r}: no key matches the backbone")
+        if state["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+            state["pos_embed"] = resample_abs_pos_embed(
+                state["pos_embed"], new_size=vit.patch_embed.grid_size, num_prefix_tokens=vit.num_prefix_tokens
+            )
+    problems = weight_mismatches(own, state)
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)" if len(problems) > 6 else "")
+        raise ValueError(f"{where}: the file does not fit the backbone (another architecture?): {shown}")
+    vit.load_state_dict(state, strict=True)
+
+
+def weight_mismatches(own: dict[str, Tensor], loaded: dict[str, Tensor]) -> list[str]:
+    """What keeps `loaded` from loading into a module whose state dict is `own`, one line per tensor."""
+    problems = [
+        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in loaded and loaded[k].shape != own[k].shape
+    ]
+    problems += [f"{k}: missing from the file" for k in own if k not in loaded]
+    problems += [f"{k}: not in the model" for k in loaded if k not in own]
+    return problems

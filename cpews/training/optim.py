@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from cpews.config import TrainConfig
+
 
 def lr_factor(step: int, *, warmup_iters: int, warmup_ratio: float, max_iters: int, power: float) -> float:
     """Multiplier of each group's base lr at optimizer step `step` (0-based).
@@ -93,3 +95,19 @@ def parameter_groups(model: nn.Module, *, lr: float, head_lr_mult: float) -> lis
         {"name": "decoder", "params": decoder, "base_lr": lr * head_lr_mult},
     ]
     return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> PolyWarmupAdamW:
+    """The §8.3 optimizer of `model` with the `optim.*` settings of `cfg`."""
+    o = cfg.optim
+    return PolyWarmupAdamW(
+        parameter_groups(model, lr=o.lr, head_lr_mult=o.head_lr_mult),
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        warmup_iters=o.warmup_iters,
+        warmup_ratio=o.warmup_ratio,
+        max_iters=o.max_iters,
+        power=o.power,
+    )

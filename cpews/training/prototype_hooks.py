@@ -44,8 +44,9 @@ from cpews.prototypes import (
 )
 from cpews.training.checkpoint import config_differences, load_checkpoint
 from cpews.training.data import eval_dataset
+from cpews.training.device import autocast_factory
 from cpews.training.step import LossTerm, StepContext
-from cpews.training.trainer import TrainHooks, TrainState, autocast_factory
+from cpews.training.trainer import TrainHooks, TrainState
 
 BUILD_BATCH_SIZE = (
     16  # images per forward of the pool build (6 views each); memory only, no effect on results [I]

@@ -7,7 +7,6 @@ importing anything from the orchestration layer.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -25,7 +24,9 @@ from cpews.model import CpewsNet, build_model
 from cpews.training import keys
 from cpews.training.checkpoint import config_differences, load_checkpoint, save_checkpoint, set_rng_state
 from cpews.training.data import class_names, eval_dataset, resolve_data_root, train_loader
-from cpews.training.optim import PolyWarmupAdamW, parameter_groups
+from cpews.training.device import autocast_factory, select_device
+from cpews.training.optim import PolyWarmupAdamW, build_optimizer
+from cpews.training.pretrain import resolve_weights
 from cpews.training.step import LossTerm, compute_losses
 
 
@@ -118,36 +119,6 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, opti
     return checkpoint.iteration
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available")
-    return device
-
-
-def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    if cfg.train.amp == "bf16" and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def build_optimizer(cfg: TrainConfig, model: CpewsNet) -> PolyWarmupAdamW:
-    o = cfg.optim
-    return PolyWarmupAdamW(
-        parameter_groups(model, lr=o.lr, head_lr_mult=o.head_lr_mult),
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        warmup_iters=o.warmup_iters,
-        warmup_ratio=o.warmup_ratio,
-        max_iters=o.max_iters,
-        power=o.power,
-    )
-
-
 class _Progress:
     """A one-line progress display on a terminal; plain log lines otherwise."""
 
@@ -204,7 +175,9 @@ def train(
     if hooks is None:
         hooks = default_hooks(cfg, names)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, num_classes=len(names) - 1).to(device)
+    # a resumed run takes every weight from its checkpoint: the backbone file is neither read nor made
+    weights = "" if resume else resolve_weights(cfg, progress=lambda text: print(text, flush=True))
+    model = build_model(cfg, num_classes=len(names) - 1, weights=weights).to(device)
     optimizer = build_optimizer(cfg, model)
     start_iter = 0
     if resume:

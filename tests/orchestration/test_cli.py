@@ -269,3 +269,32 @@ def test_sweep_resume_and_leaderboard_of_an_unknown_sweep_are_clean_errors(tmp_p
     for command in (["resume", "nope"], ["leaderboard", "nope", "--json"]):
         proc = cpews("sweep", *command, "--run-dir", tmp_path / "runs", cwd=tmp_path)
         assert_clean_error(proc, "no sweep 'nope'")
+
+
+def test_pretrain_makes_the_backbone_once_and_copies_it(synthetic_data_dir: Path, tmp_path: Path):
+    tiny = ("--set", "pretrain.images=16", "--set", "pretrain.val_images=8", "--set", "pretrain.iters=4",
+            "--set", "pretrain.cls_iters=2", "--set", "pretrain.batch_size=8",
+            "--set", f"pretrain.cache_dir={tmp_path / 'cache'}")
+    first = cpews("pretrain", "--config", "test_micro", *MICRO, *tiny, "--out", tmp_path / "bb.pt", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "cache miss, pretraining" in first.stdout and "held-out pretraining images: miou_cam=" in first.stdout
+    assert (tmp_path / "bb.pt").is_file() and f"model.weights={tmp_path / 'bb.pt'}" in first.stdout
+    again = cpews("pretrain", "--config", "test_micro", *MICRO, *tiny, cwd=tmp_path)
+    assert again.returncode == 0 and "cache hit" in again.stdout and "(cached)" in again.stdout
+    # the copied file is a backbone state dict that `model.weights` loads for training
+    run = cpews("train", "--config", "test_micro", *MICRO, "--set", f"model.weights={tmp_path / 'bb.pt'}",
+                "--set", "optim.max_iters=1", "--out", tmp_path / "run", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+
+
+def test_train_names_a_weights_file_of_another_architecture(synthetic_data_dir: Path, tmp_path: Path):
+    import torch
+
+    from cpews.model.backbone import ViTBackbone
+
+    other = ViTBackbone("vit_base_patch16_224", ism_depth=1, img_size=64, patch_size=8, embed_dim=32, depth=2,
+                        num_heads=2)
+    torch.save(other.vit.state_dict(), tmp_path / "other.pt")
+    proc = cpews("train", "--config", "test_micro", *MICRO, "--set", f"model.weights={tmp_path / 'other.pt'}",
+                 "--out", tmp_path / "run", cwd=tmp_path)
+    assert_clean_error(proc, str(tmp_path / "other.pt"), "patch_embed.proj.weight: file (32, 3, 8, 8) vs model (64, 3, 8, 8)")
