@@ -13,7 +13,7 @@ UI_PORT ?= 5000
 SWEEP ?=
 PROMOTE_ARGS ?=
 
-.PHONY: install test test-all test-integration lint train sweep ui promote clean
+.PHONY: install test test-all test-integration lint pretrain train sweep ui promote clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-integration: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cpews orchestration tests benchmarks
+
+# The backbone pretrained on the synthetic world (model.weights=synthetic); `make train` and `make sweep` make it
+# on first use, this target makes (or finds) it alone.
+pretrain: $(STAMP)
+	$(VENV)/bin/cpews pretrain
 
 train: $(STAMP)
 	$(VENV)/bin/cpews train --out runs/train

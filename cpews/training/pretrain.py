@@ -119,8 +119,13 @@ def pretrain_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def content_key(cfg: TrainConfig) -> str:
-    """The cache key of `cfg`'s pretrained backbone: sha256 (24 hex) of the pretraining settings and code version."""
-    settings = {k: v for k, v in pretrain_config(cfg).to_flat_dict().items() if k not in RUNTIME_KEYS}
+    """The cache key of `cfg`'s pretrained backbone: sha256 (24 hex) of the pretraining settings and code version.
+
+    The prototype module is off in the pretraining and the evaluation settings only score it, so `proto.*` and
+    `eval.*` stay out of the key (as do the `RUNTIME_KEYS`).
+    """
+    settings = {k: v for k, v in pretrain_config(cfg).to_flat_dict().items()
+                if k not in RUNTIME_KEYS and not k.startswith(("proto.", "eval."))}
     payload = {"format": PRETRAIN_FORMAT, "cpews": cpews.__version__, "synthetic_format": SYNTHETIC_FORMAT_VERSION,
                "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -118,3 +118,28 @@ def test_pool_cache_on_s3_is_shared_by_content_key(s3, synthetic_data_dir: Path,
     assert [m.split()[2] for m in messages if m.startswith("pool cache:")] == ["miss,", "hit"]
     for name, tensor in first.tensors.items():
         assert torch.equal(tensor, second.tensors[name])
+
+
+def test_pretrained_backbone_is_shared_through_the_bucket(s3, synthetic_data_dir: Path):
+    """A backbone pretrained on one machine is fetched, not trained again, by another (an empty local cache)."""
+    import shutil
+
+    import torch
+
+    from cpews.config import load_config
+    from cpews.data.remote import local_cache_dir
+    from cpews.training.pretrain import ensure_pretrained
+
+    client, bucket = s3
+    cfg = load_config("test_micro", ["model.weights=synthetic", "pretrain.images=16", "pretrain.val_images=8",
+                                     "pretrain.iters=2", "pretrain.cls_iters=1", "pretrain.batch_size=8",
+                                     f"pretrain.cache_dir=s3://{bucket}/pretrained"])
+    first = ensure_pretrained(cfg)
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="pretrained/")["Contents"])
+    assert keys == [f"pretrained/{first.key}.json", f"pretrained/{first.key}.pt"]
+    saved = torch.load(first.path, weights_only=True)
+    shutil.rmtree(local_cache_dir() / "pretrained")  # "another machine"
+    second = ensure_pretrained(cfg)
+    assert (first.cached, second.cached) == (False, True) and second.meta["key"] == first.key
+    fetched = torch.load(second.path, weights_only=True)
+    assert saved.keys() == fetched.keys() and all(torch.equal(saved[k], fetched[k]) for k in saved)
