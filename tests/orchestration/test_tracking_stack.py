@@ -49,7 +49,9 @@ def test_sweep_and_promotion_land_in_postgres_and_s3(
     if ray.is_initialized():
         ray.shutdown()
     outcome = run_sweep(spec, run_dir=tmp_path / "runs", out=lambda line: None)
-    decision = promote("stack", run_dir=tmp_path / "runs", model_name="cpews-stack", out=lambda line: None)
+    # the micro model (8 iterations) need not beat the all-background mIoU: this test is about where things land
+    decision = promote("stack", run_dir=tmp_path / "runs", model_name="cpews-stack", force=True,
+                       out=lambda line: None)
     if ray.is_initialized():
         ray.shutdown()
 

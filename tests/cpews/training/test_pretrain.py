@@ -128,3 +128,12 @@ def test_training_with_model_weights_synthetic_starts_from_the_pretrained_backbo
     trained = torch.load(result.checkpoint, weights_only=True)["model"]
     saved = torch.load(first.path, weights_only=True)
     torch.testing.assert_close(trained["backbone.vit.blocks.1.attn.proj.weight"], saved["blocks.1.attn.proj.weight"])
+
+
+def test_pretraining_batches_carry_image_labels_and_no_pixel_label(tiny):
+    from cpews.training.data import train_loader
+
+    pcfg = pretrain_config(tiny())
+    batch = next(iter(train_loader(pcfg, resolve_data_root(pcfg))))
+    assert set(batch) == {"image", "labels", "box", "name"}  # no mask: the losses see image-level labels only
+    assert batch["labels"].shape == (8, 6)
