@@ -23,7 +23,6 @@ from cpews.crf import dense_crf
 from cpews.metrics import (
     ConfusionMeter,
     all_background_confusion,
-    baseline_miou,
     confusion_matrix,
     multilabel_f1,
     segmentation_scores,
@@ -218,12 +217,13 @@ def evaluate(
             mask = sample["mask"].to(device)
             for name, pred in predictions.items():
                 meters[name].update(pred, mask)
-            background += all_background_confusion(mask, num_classes).cpu()
+            image_background = all_background_confusion(mask, num_classes).cpu()
+            background += image_background
             if images is not None:
                 images["ids"].append(str(sample.get("name", first + j)))
                 for name, pred in predictions.items():
                     images.setdefault(f"miou_{name}", []).append(image_miou(pred, mask, num_classes))
-                images.setdefault("baseline_miou", []).append(baseline_miou(mask, num_classes))
+                images.setdefault("baseline_miou", []).append(segmentation_scores(image_background).miou)
             if confounder is not None and "confounder_mask" in sample:
                 confounder.update(
                     sample["confounder_mask"].to(device),

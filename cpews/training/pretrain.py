@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from cpews.model import CpewsNet, build_model
 from cpews.training.data import DATA_DIR_ENV, class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.device import autocast_factory, select_device
 from cpews.training.optim import build_optimizer
+from cpews.training.progress import ProgressDisplay
 from cpews.training.step import compute_losses
 
 __all__ = [
@@ -124,11 +126,16 @@ def content_key(cfg: TrainConfig) -> str:
     The prototype module is off in the pretraining and the evaluation settings only score it, so `proto.*` and
     `eval.*` stay out of the key (as do the `RUNTIME_KEYS`).
     """
-    settings = {k: v for k, v in pretrain_config(cfg).to_flat_dict().items()
-                if k not in RUNTIME_KEYS and not k.startswith(("proto.", "eval."))}
+    settings = key_settings(pretrain_config(cfg))
     payload = {"format": PRETRAIN_FORMAT, "cpews": cpews.__version__, "synthetic_format": SYNTHETIC_FORMAT_VERSION,
                "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def key_settings(pcfg: TrainConfig) -> dict[str, Any]:
+    """The flat settings of a pretraining config that decide what it learns (what `content_key` hashes)."""
+    return {k: v for k, v in pcfg.to_flat_dict().items()
+            if k not in RUNTIME_KEYS and not k.startswith(("proto.", "eval."))}
 
 
 def cache_dir(cfg: TrainConfig) -> tuple[Path, str | None]:
@@ -211,7 +218,7 @@ def _pretrain_into(cfg: TrainConfig, path: Path, key: str, say: Progress) -> dic
         "key": key,
         "format": PRETRAIN_FORMAT,
         "cpews": cpews.__version__,
-        "settings": {k: v for k, v in pcfg.to_flat_dict().items() if k not in RUNTIME_KEYS},
+        "settings": key_settings(pcfg),
         "metrics": metrics,
         "wall_time_s": round(time.perf_counter() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -246,7 +253,7 @@ def run_pretraining(pcfg: TrainConfig, say: Progress) -> tuple[CpewsNet, dict[st
     optimizer = build_optimizer(pcfg, model)
     autocast = autocast_factory(pcfg, device)
     total, every = pcfg.optim.max_iters, max(1, pcfg.optim.max_iters // 10)
-    tty = sys.stderr.isatty()
+    display = ProgressDisplay(total, sys.stderr.isatty(), label="pretrain", emit=say)
     window, started = [], time.perf_counter()
     for it, batch in zip(range(total), train_loader(pcfg, root)):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -257,17 +264,11 @@ def run_pretraining(pcfg: TrainConfig, say: Progress) -> tuple[CpewsNet, dict[st
         window.append(losses.total.detach())
         if (it + 1) % every == 0 or it + 1 == total:
             loss = float(torch.stack(window).mean())
-            if not torch.isfinite(torch.tensor(loss)):
+            if not math.isfinite(loss):
                 raise RuntimeError(f"pretraining: non-finite loss at iteration {it + 1}")
-            rate = (it + 1) / (time.perf_counter() - started)
-            text = f"pretraining {it + 1}/{total} loss={loss:.3f} {rate:.1f} it/s"
-            if tty:
-                done = 30 * (it + 1) // total
-                sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}\033[K" + ("\n" if it + 1 == total else ""))
-                sys.stderr.flush()
-            else:
-                say(text)
+            display.update(it + 1, f"loss={loss:.3f} {(it + 1) / (time.perf_counter() - started):.1f} it/s")
             window = []
+    display.close()
     result = evaluate(model, eval_dataset(pcfg, root), pcfg, class_names=names, device=device,
                       max_images=pcfg.eval.max_images, data_root=root)
     m = result.metrics

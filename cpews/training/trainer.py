@@ -27,6 +27,7 @@ from cpews.training.data import class_names, eval_dataset, resolve_data_root, tr
 from cpews.training.device import autocast_factory, select_device
 from cpews.training.optim import PolyWarmupAdamW, build_optimizer
 from cpews.training.pretrain import resolve_weights
+from cpews.training.progress import ProgressDisplay
 from cpews.training.step import LossTerm, compute_losses
 
 
@@ -119,25 +120,6 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, opti
     return checkpoint.iteration
 
 
-class _Progress:
-    """A one-line progress display on a terminal; plain log lines otherwise."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-
-    def update(self, it: int, text: str) -> None:
-        if self.enabled:
-            done = int(30 * it / max(1, self.total))
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {it}/{self.total} {text}\033[K")
-            sys.stderr.flush()
-        else:
-            print(f"[train] it={it}/{self.total} {text}", flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def train(
     cfg: TrainConfig,
     reporter: Reporter | None = None,
@@ -192,7 +174,7 @@ def train(
         for hook in hooks.before_training:  # e.g. the prototype pool from proto.checkpoint (method.md §6.1)
             hook(TrainState(iteration=0, **state_args))
     max_iters = cfg.optim.max_iters
-    display = _Progress(max_iters, sys.stderr.isatty() if progress is None else progress)
+    display = ProgressDisplay(max_iters, sys.stderr.isatty() if progress is None else progress)
     last_val: dict[str, float] = {}
     window: dict[str, list[torch.Tensor]] = {}
     stats_window: dict[str, list[torch.Tensor]] = {}
