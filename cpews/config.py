@@ -6,11 +6,16 @@ Provenance tags follow method.md: [P] paper, [T] ToCo, [F] FPR, [A] AFA, [D] a d
 
 The tree flattens to `{"section.field": scalar}` (tuples become comma-separated strings) and back, so the
 same names serve the trainer, YAML files, `--set` overrides, search spaces, MLflow params and checkpoints.
+
+Every numeric field declares its valid range beside its default (`ranged(default, Range)`); a value outside it
+is a `ConfigError` wherever it enters (a YAML file, `--set`, a flat dict, a sweep's fixed values and searched
+ranges), naming the key, the value and the range.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,22 +30,71 @@ SYNTHETIC_WEIGHTS = "synthetic"  # model.weights: the backbone pretrained on the
 
 
 class ConfigError(ValueError):
-    """A config file, override or flat dict names an unknown key or holds a badly typed value."""
+    """A config file, override or flat dict names an unknown key or holds a badly typed or out-of-range value."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field (of each item, for a tuple field): finite numbers from `low` to
+    `high` (None = unbounded), each bound included unless `low_open` / `high_open`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{left}{_number(self.low)}, {_number(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return "any finite number"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+AT_LEAST_0 = Range(low=0)  # counts, sizes and weights; 0 often means "off" or "the backbone's own"
+AT_LEAST_1 = Range(low=1)
+AT_LEAST_MINUS_1 = Range(low=-1)  # iteration thresholds where -1 means "from the start"
+POSITIVE = Range(low=0, low_open=True)  # learning rates, scales, temperatures, kernel widths
+UNIT = Range(low=0, high=1)  # probabilities, thresholds, ratios
+BETA = Range(low=0, high=1, high_open=True)  # Adam's moment decay rates
+SEED = Range(low=0, high=2**32 - 1)  # what numpy and scikit-learn accept
+SYNTHETIC_IMAGE_SIZE = Range(low=32)  # the synthetic generator's smallest image (cpews.data.synthetic)
+
+_RANGE = "range"  # the dataclass field metadata key of a field's Range
+
+
+def ranged(default: Any, valid: Range) -> Any:
+    """A dataclass field with `default` whose values (each item, for a tuple) must lie in `valid`."""
+    return field(default=default, metadata={_RANGE: valid})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vit_base_patch16_224"  # any timm ViT name [P][T]; deit_base_patch16_224 for Fig. 3
     weights: str = ""  # "" random init; "hub" timm's pretrained tag; "synthetic" the pretrain.* backbone; else a path [T][D][I]
-    img_size: int = 224  # grid of the learned positional embedding (interpolated per forward) [T]
-    patch_size: int = 0  # 0 = the backbone's own; set for micro configs [D]
-    embed_dim: int = 0  # 0 = the backbone's own (768 for ViT-B) [D]
-    depth: int = 0  # 0 = the backbone's own (12 for ViT-B) [D]
-    num_heads: int = 0  # 0 = the backbone's own [D]
-    ism_depth: int = 10  # 1-based block feeding the ISM/aux head, ToCo aux_layer=-3 [T]; Table 5: 8/10/12 [P]
+    img_size: int = ranged(224, AT_LEAST_1)  # grid of the learned positional embedding (interpolated per forward) [T]
+    patch_size: int = ranged(0, AT_LEAST_0)  # 0 = the backbone's own; set for micro configs [D]
+    embed_dim: int = ranged(0, AT_LEAST_0)  # 0 = the backbone's own (768 for ViT-B) [D]
+    depth: int = ranged(0, AT_LEAST_0)  # 0 = the backbone's own (12 for ViT-B) [D]
+    num_heads: int = ranged(0, AT_LEAST_0)  # 0 = the backbone's own [D]
+    ism_depth: int = ranged(10, AT_LEAST_1)  # 1-based block feeding the ISM/aux head, ToCo aux_layer=-3 [T]; Table 5: 8/10/12 [P]
     freeze_pos_embed: bool = True  # [T]
-    decoder_channels: int = 512  # LargeFOV width [T]
-    decoder_dilation: int = 5  # LargeFOV dilation [T]
+    decoder_channels: int = ranged(512, AT_LEAST_1)  # LargeFOV width [T]
+    decoder_dilation: int = ranged(5, AT_LEAST_1)  # LargeFOV dilation [T]
 
 
 @dataclass(frozen=True)
@@ -49,107 +103,107 @@ class DataConfig:
     root: str = ""  # dataset folder; "" = runs/data/synthetic for the synthetic dataset [I]
     train_split: str = "train_aug"  # [T]
     val_split: str = "val"  # [T]
-    crop_size: int = 448  # [T]
-    scale_min: float = 0.5  # random rescale range [T]
-    scale_max: float = 2.0  # [T]
-    hflip_prob: float = 0.5  # [T]
+    crop_size: int = ranged(448, AT_LEAST_1)  # [T]
+    scale_min: float = ranged(0.5, POSITIVE)  # random rescale range [T]
+    scale_max: float = ranged(2.0, POSITIVE)  # [T]
+    hflip_prob: float = ranged(0.5, UNIT)  # [T]
     photometric: bool = True  # ColorJitter/RandomGrayscale/GaussianBlur [T]
-    norm_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # ImageNet mean, as ToCo [T]
-    norm_std: tuple[float, ...] = (0.229, 0.224, 0.225)  # [T]
-    num_workers: int = 2  # data loader workers [I]
-    synthetic_image_size: int = 64  # synthetic dataset generator settings [I]
-    synthetic_train: int = 2000  # [I]
-    synthetic_val: int = 300  # [I]
-    synthetic_seed: int = 0  # [I]
-    confounder_strength: float = 0.9  # P(water band | boat image) [I]
+    norm_mean: tuple[float, ...] = ranged((0.485, 0.456, 0.406), UNIT)  # ImageNet mean, as ToCo [T]
+    norm_std: tuple[float, ...] = ranged((0.229, 0.224, 0.225), POSITIVE)  # [T]
+    num_workers: int = ranged(2, AT_LEAST_0)  # data loader workers [I]
+    synthetic_image_size: int = ranged(64, SYNTHETIC_IMAGE_SIZE)  # synthetic dataset generator settings [I]
+    synthetic_train: int = ranged(2000, AT_LEAST_1)  # [I]
+    synthetic_val: int = ranged(300, AT_LEAST_1)  # [I]
+    synthetic_seed: int = ranged(0, SEED)  # [I]
+    confounder_strength: float = ranged(0.9, UNIT)  # P(water band | boat image) [I]
 
 
 @dataclass(frozen=True)
 class CamConfig:
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # multi-scale CAM for pseudo labels [T]
-    bkg_threshold: float = 0.50  # plain mode, CAM evaluation; COCO 0.45 [T]
-    high_threshold: float = 0.70  # ignore-band upper threshold; COCO 0.65 [T]
-    low_threshold: float = 0.25  # ignore-band lower threshold [T]
+    scales: tuple[float, ...] = ranged((1.0, 0.5, 1.5), POSITIVE)  # multi-scale CAM for pseudo labels [T]
+    bkg_threshold: float = ranged(0.50, UNIT)  # plain mode, CAM evaluation; COCO 0.45 [T]
+    high_threshold: float = ranged(0.70, UNIT)  # ignore-band upper threshold; COCO 0.65 [T]
+    low_threshold: float = ranged(0.25, UNIT)  # ignore-band lower threshold [T]
     ism_box_mode: Literal["token", "toco"] = "token"  # valid box on the token grid [D]
 
 
 @dataclass(frozen=True)
 class RefineConfig:
-    iters: int = 10  # PAR iterations [A]
-    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # [A]
-    w1: float = 0.3  # colour/position kernel width [A]
-    w2: float = 0.01  # weight of the position term [A]
-    downscale: int = 2  # PAR runs at half resolution [T]
+    iters: int = ranged(10, AT_LEAST_0)  # PAR iterations [A]
+    dilations: tuple[int, ...] = ranged((1, 2, 4, 8, 12, 24), AT_LEAST_1)  # [A]
+    w1: float = ranged(0.3, POSITIVE)  # colour/position kernel width [A]
+    w2: float = ranged(0.01, AT_LEAST_0)  # weight of the position term [A]
+    downscale: int = ranged(2, AT_LEAST_1)  # PAR runs at half resolution [T]
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    cls_weight: float = 1.0  # final classifier [T]
-    aux_cls_weight: float = 1.0  # auxiliary (ISM) classifier [T][D]
-    ism_weight: float = 0.2  # ToCo w_ptc [T]
-    ism_warmup_iters: int = -1  # L_ISM off while it <= this; -1 = on from the start; COCO 12000 [T]
-    seg_weight: float = 0.1  # [T]
-    seg_warmup_iters: int = 2000  # L_seg off while it <= this; COCO 8000 [T]
-    seg_aux_label_iters: int = -1  # seg labels from the aux CAM while it <= this; COCO 12000 [T]
-    pdl_weight: float = 0.12  # FPR RC_weight [F]
-    ssl_weight: float = 1.5e-4  # FPR PR_weight [F]
+    cls_weight: float = ranged(1.0, AT_LEAST_0)  # final classifier [T]
+    aux_cls_weight: float = ranged(1.0, AT_LEAST_0)  # auxiliary (ISM) classifier [T][D]
+    ism_weight: float = ranged(0.2, AT_LEAST_0)  # ToCo w_ptc [T]
+    ism_warmup_iters: int = ranged(-1, AT_LEAST_MINUS_1)  # L_ISM off while it <= this; -1 = on from the start; COCO 12000 [T]
+    seg_weight: float = ranged(0.1, AT_LEAST_0)  # [T]
+    seg_warmup_iters: int = ranged(2000, AT_LEAST_MINUS_1)  # L_seg off while it <= this; COCO 8000 [T]
+    seg_aux_label_iters: int = ranged(-1, AT_LEAST_MINUS_1)  # seg labels from the aux CAM while it <= this; COCO 12000 [T]
+    pdl_weight: float = ranged(0.12, AT_LEAST_0)  # FPR RC_weight [F]
+    ssl_weight: float = ranged(1.5e-4, AT_LEAST_0)  # FPR PR_weight [F]
 
 
 @dataclass(frozen=True)
 class ProtoConfig:
     source: Literal["warmup", "checkpoint"] = "warmup"  # where the pool comes from [D]
     checkpoint: str = ""  # for source=checkpoint: the checkpoint to build from and start from [F]
-    build_iter: int = 4000  # it_pool; COCO 16000 [D]
-    n_builds: int = 1  # 0 = CPM off; >1 rebuilds evenly spaced after build_iter (Table 3) [P][D]
-    num_prototypes: int = 10  # K [F]
-    region_threshold: float = 0.1  # theta_r [F]
-    temperature: float = 13.0  # tau [F]
-    kmeans_n_init: int = 10  # [F]
-    kmeans_max_iter: int = 10  # [F]
-    kmeans_seed: int = 0  # [F]
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # views for the pool build, each with its flip [D]
-    resize: int = 448  # images resized to this square for the pool build [D]
+    build_iter: int = ranged(4000, AT_LEAST_0)  # it_pool; COCO 16000 [D]
+    n_builds: int = ranged(1, AT_LEAST_0)  # 0 = CPM off; >1 rebuilds evenly spaced after build_iter (Table 3) [P][D]
+    num_prototypes: int = ranged(10, AT_LEAST_1)  # K [F]
+    region_threshold: float = ranged(0.1, UNIT)  # theta_r [F]
+    temperature: float = ranged(13.0, POSITIVE)  # tau [F]
+    kmeans_n_init: int = ranged(10, AT_LEAST_1)  # [F]
+    kmeans_max_iter: int = ranged(10, AT_LEAST_1)  # [F]
+    kmeans_seed: int = ranged(0, SEED)  # [F]
+    scales: tuple[float, ...] = ranged((1.0, 0.5, 1.5), POSITIVE)  # views for the pool build, each with its flip [D]
+    resize: int = ranged(448, AT_LEAST_1)  # images resized to this square for the pool build [D]
     ssl_exclude_singleton_superclass: bool = True  # [F]
     cache_dir: str = ""  # pools stored by content key and reused when images, model and settings match; "" = off [I]
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 6e-5  # backbone base lr [T]
-    head_lr_mult: float = 10.0  # classifiers and decoder [T]
-    weight_decay: float = 0.01  # all groups [T]
-    beta1: float = 0.9  # [T]
-    beta2: float = 0.999  # [T]
-    eps: float = 1e-8  # [T]
-    warmup_iters: int = 1500  # [T]
-    warmup_ratio: float = 1e-6  # a ratio of the base lr [T]
-    power: float = 0.9  # poly decay [T]
-    max_iters: int = 20000  # [P]
+    lr: float = ranged(6e-5, POSITIVE)  # backbone base lr [T]
+    head_lr_mult: float = ranged(10.0, POSITIVE)  # classifiers and decoder [T]
+    weight_decay: float = ranged(0.01, AT_LEAST_0)  # all groups [T]
+    beta1: float = ranged(0.9, BETA)  # [T]
+    beta2: float = ranged(0.999, BETA)  # [T]
+    eps: float = ranged(1e-8, POSITIVE)  # [T]
+    warmup_iters: int = ranged(1500, AT_LEAST_0)  # [T]
+    warmup_ratio: float = ranged(1e-6, UNIT)  # a ratio of the base lr [T]
+    power: float = ranged(0.9, AT_LEAST_0)  # poly decay [T]
+    max_iters: int = ranged(20000, AT_LEAST_0)  # 0 = no step: the untrained model is validated [P]
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 2000  # validation interval in iterations [T]
-    max_images: int = 0  # 0 = the whole validation split [I]
-    size: int = 448  # validation images are fed at this square size during training [T]
-    test_scales: tuple[float, ...] = (1.0, 1.25, 1.5)  # final inference scales [T]
-    crf_iters: int = 10  # [T]
-    crf_gauss_sxy: float = 1.0  # [T]
-    crf_gauss_compat: float = 1.0  # [T]
-    crf_bilateral_sxy: float = 121.0  # [T]
-    crf_bilateral_srgb: float = 5.0  # [T]
-    crf_bilateral_compat: float = 4.0  # [T]
+    every: int = ranged(2000, AT_LEAST_0)  # validation interval in iterations; 0 = at the end only [T]
+    max_images: int = ranged(0, AT_LEAST_0)  # 0 = the whole validation split [I]
+    size: int = ranged(448, AT_LEAST_1)  # validation images are fed at this square size during training [T]
+    test_scales: tuple[float, ...] = ranged((1.0, 1.25, 1.5), POSITIVE)  # final inference scales [T]
+    crf_iters: int = ranged(10, AT_LEAST_0)  # mean-field steps [T]
+    crf_gauss_sxy: float = ranged(1.0, POSITIVE)  # [T]
+    crf_gauss_compat: float = ranged(1.0, AT_LEAST_0)  # [T]
+    crf_bilateral_sxy: float = ranged(121.0, POSITIVE)  # [T]
+    crf_bilateral_srgb: float = ranged(5.0, POSITIVE)  # [T]
+    crf_bilateral_compat: float = ranged(4.0, AT_LEAST_0)  # [T]
 
 
 @dataclass(frozen=True)
 class TrainLoopConfig:
-    batch_size: int = 4  # [P]
-    seed: int = 0  # [T]
+    batch_size: int = ranged(4, AT_LEAST_1)  # [P]
+    seed: int = ranged(0, SEED)  # [T]
     device: str = "auto"  # auto = cuda when available, else cpu [I]
     amp: Literal["off", "bf16"] = "bf16"  # bf16 autocast, applied on CUDA only [D]
-    log_every: int = 50  # [I]
-    checkpoint_every: int = 2000  # periodic checkpoints besides last.pt [I]
-    check_finite_every: int = 10  # non-finite loss check interval (a device sync) [I]
+    log_every: int = ranged(50, AT_LEAST_1)  # [I]
+    checkpoint_every: int = ranged(2000, AT_LEAST_0)  # periodic checkpoints besides last.pt; 0 = none [I]
+    check_finite_every: int = ranged(10, AT_LEAST_1)  # non-finite loss check interval (a device sync) [I]
 
 
 @dataclass(frozen=True)
@@ -157,16 +211,16 @@ class PretrainConfig:
     """The backbone pretraining behind `model.weights=synthetic` (cpews.training.pretrain): image labels only, on
     a synthetic set of its own seed, as ImageNet is for VOC. Every field enters the cached file's content key."""
 
-    seed: int = 1000  # generator seed of the pretraining set; must differ from data.synthetic_seed [I]
-    images: int = 4000  # pretraining images (train_aug of that set) [I]
-    val_images: int = 200  # held-out images of that set, scored once at the end (CAM mIoU, F1) [I]
-    image_size: int = 64  # [I]
-    confounder_strength: float = 0.9  # P(water band | boat image) in the pretraining set [I]
-    iters: int = 3000  # optimizer steps [I]
-    cls_iters: int = 2500  # steps of classification alone; ISM and seg losses join after them [I]
-    batch_size: int = 16  # [I]
-    lr: float = 1e-3  # backbone lr (heads x optim.head_lr_mult) [I]
-    warmup_iters: int = 100  # [I]
+    seed: int = ranged(1000, SEED)  # generator seed of the pretraining set; must differ from data.synthetic_seed [I]
+    images: int = ranged(4000, AT_LEAST_1)  # pretraining images (train_aug of that set) [I]
+    val_images: int = ranged(200, AT_LEAST_1)  # held-out images of that set, scored once at the end (CAM mIoU, F1) [I]
+    image_size: int = ranged(64, SYNTHETIC_IMAGE_SIZE)  # [I]
+    confounder_strength: float = ranged(0.9, UNIT)  # P(water band | boat image) in the pretraining set [I]
+    iters: int = ranged(3000, AT_LEAST_1)  # optimizer steps [I]
+    cls_iters: int = ranged(2500, AT_LEAST_0)  # steps of classification alone; ISM and seg losses join after them [I]
+    batch_size: int = ranged(16, AT_LEAST_1)  # [I]
+    lr: float = ranged(1e-3, POSITIVE)  # backbone lr (heads x optim.head_lr_mult) [I]
+    warmup_iters: int = ranged(100, AT_LEAST_0)  # [I]
     cache_dir: str = ""  # where pretrained backbones are kept by content key; "" = <data dir>/pretrained; s3:// shared [I]
 
 
@@ -249,16 +303,33 @@ def _parse_scalar(raw: str) -> Any:
 
 def _replace_section(sub: Any, section_name: str, values: Mapping[str, Any], source: str) -> Any:
     hints = get_type_hints(type(sub))
-    names = {f.name for f in dataclasses.fields(sub)}
+    fields = {f.name: f for f in dataclasses.fields(sub)}
     coerced = {}
     for name, value in values.items():
         key = f"{section_name}.{name}"
-        if name not in names:
-            close = [f"{section_name}.{n}" for n in sorted(names) if n.startswith(str(name)[:3])]
+        if name not in fields:
+            close = [f"{section_name}.{n}" for n in sorted(fields) if n.startswith(str(name)[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
-        coerced[name] = coerce_value(key, hints[name], value, source)
+        value = coerce_value(key, hints[name], value, source)
+        coerced[name] = check_range(key, value, fields[name].metadata.get(_RANGE), source)
     return dataclasses.replace(sub, **coerced)
+
+
+def check_range(key: str, value: Any, valid: Range | None, source: str = "config") -> Any:
+    """Return `value` (already coerced to its field's type) when it, or each item of a tuple, lies in `valid`.
+
+    Raises:
+        ConfigError: naming `source`, the key (and item), the value and the valid range.
+    """
+    if valid is None:
+        return value
+    items = value if isinstance(value, tuple) else (value,)
+    for index, item in enumerate(items):
+        if item not in valid:
+            where = f"{key}[{index}]" if isinstance(value, tuple) else key
+            raise ConfigError(f"{source}: {where}={item!r} is outside the valid range {valid}")
+    return value
 
 
 def coerce_value(key: str, annotation: Any, value: Any, source: str = "config") -> Any:
@@ -314,15 +385,30 @@ def field_annotation(dotted_key: str) -> Any:
     Raises:
         ConfigError: the key is not a config field.
     """
+    section_type, name = _section_field(dotted_key)
+    return get_type_hints(section_type)[name]
+
+
+def field_range(dotted_key: str) -> Range | None:
+    """The valid range of a dotted config key (of each item, for a tuple field); None for a non-numeric field.
+
+    Raises:
+        ConfigError: the key is not a config field.
+    """
+    section_type, name = _section_field(dotted_key)
+    return next(f for f in dataclasses.fields(section_type) if f.name == name).metadata.get(_RANGE)
+
+
+def _section_field(dotted_key: str) -> tuple[type, str]:
+    """The section dataclass and the field name of a dotted config key."""
     section, _, name = dotted_key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if section not in sections:
         raise ConfigError(f"unknown config key {dotted_key!r}: no section {section!r}")
     section_type = get_type_hints(TrainConfig)[section]
-    hints = get_type_hints(section_type)
-    if name not in hints:
+    if name not in {f.name for f in dataclasses.fields(section_type)}:
         raise ConfigError(f"unknown config key {dotted_key!r}")
-    return hints[name]
+    return section_type, name
 
 
 def load_config(path_or_preset: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
@@ -356,7 +442,11 @@ def _load_yaml(path: Path, seen: set[Path]) -> TrainConfig:
         raise ConfigError(f"{path}: circular 'base' chain")
     seen.add(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {exc.object[exc.start]:#04x} at offset {exc.start}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, Mapping):

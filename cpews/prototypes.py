@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpews.cam import rescale_images
+from cpews.torch_files import TorchFileError, load_torch_file
 
 POOL_FORMAT = "cpews-pool"
 POOL_VERSION = 1
@@ -723,14 +724,16 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save_pool(path: str | Path, pool: Pool) -> Path:
-    """Write `path` (torch.save of the tensors, with the meta as a JSON string so that a weights-only load
-    reads it) and `path` with suffix `.json` (the meta), each atomically."""
+    """Write `path` (torch.save of the tensors and their shapes, with the meta as a JSON string so that a
+    weights-only load reads it) and `path` with suffix `.json` (the meta), each atomically."""
     path = Path(path)
     meta_text = json.dumps(pool.meta, indent=2, sort_keys=True)
+    tensors = {key: pool.tensors[key].detach().cpu().contiguous() for key in POOL_KEYS}
     payload = {
         "format": POOL_FORMAT,
         "version": POOL_VERSION,
-        "tensors": {key: pool.tensors[key].detach().cpu().contiguous() for key in POOL_KEYS},
+        "tensors": tensors,
+        "shapes": {key: list(tensor.shape) for key, tensor in tensors.items()},
         "meta": meta_text,
     }
     _atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -739,30 +742,57 @@ def save_pool(path: str | Path, pool: Pool) -> Path:
 
 
 def load_pool(path: str | Path) -> Pool:
-    """Read a pool written by `save_pool`; anything else is refused with a `PoolError` naming the file."""
+    """Read a pool written by `save_pool`; anything else is refused with a one-line `PoolError` naming the file
+    and what is wrong (missing, truncated, damaged, not a pool, tensors that do not match their recorded shapes)."""
     path = Path(path)
-    if not path.is_file():
-        raise PoolError(f"prototype pool {str(path)!r}: no such file")
+    where = f"prototype pool {str(path)!r}"
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PoolError(f"prototype pool {str(path)!r} is not a cpews pool file: {exc}") from exc
+        payload = load_torch_file(path)
+    except TorchFileError as exc:
+        raise PoolError(f"{where}: {exc.reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != POOL_FORMAT:
-        raise PoolError(f"prototype pool {str(path)!r} is not a cpews pool file (no '{POOL_FORMAT}' marker)")
+        raise PoolError(f"{where} is not a cpews pool file (no '{POOL_FORMAT}' marker)")
     if payload.get("version") != POOL_VERSION:
-        raise PoolError(
-            f"prototype pool {str(path)!r} has format version {payload.get('version')!r}; "
-            f"this cpews reads {POOL_VERSION}"
-        )
+        raise PoolError(f"{where} has format version {payload.get('version')!r}; this cpews reads {POOL_VERSION}")
     tensors = payload.get("tensors")
-    missing = [key for key in POOL_KEYS if not isinstance(tensors, dict) or key not in tensors]
+    missing = [key for key in POOL_KEYS if not isinstance(tensors, dict) or not torch.is_tensor(tensors.get(key))]
     if missing:
-        raise PoolError(f"prototype pool {str(path)!r} lacks the tensors {missing}")
+        raise PoolError(f"{where} lacks the tensors {missing}")
+    recorded = payload.get("shapes")  # absent from files written before the shapes were recorded
+    if recorded is not None:
+        wrong = [key for key in POOL_KEYS if list(tensors[key].shape) != list(dict(recorded).get(key, []))]
+        if wrong:
+            key = wrong[0]
+            raise PoolError(f"{where} is damaged: tensor {key!r} has shape {tuple(tensors[key].shape)}, the file "
+                            f"records {tuple(dict(recorded).get(key, ()))}")
     try:
         meta = json.loads(payload["meta"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise PoolError(f"prototype pool {str(path)!r}: unreadable meta: {exc}") from exc
+        raise PoolError(f"{where}: unreadable meta: {exc}") from None
+    if not isinstance(meta, dict):
+        raise PoolError(f"{where}: unreadable meta: not a JSON object")
     return Pool({key: tensors[key] for key in POOL_KEYS}, meta)
+
+
+def load_cached_pool(path: str | Path, *, content_key: str, shapes: Mapping[str, Sequence[int]]) -> Pool:
+    """`load_pool`, then check that the file is the pool of `content_key` (its meta's `content_key`) and that its
+    tensors have the `shapes` the model's pool buffers have (`POOL_KEYS` -> shape).
+
+    Raises:
+        PoolError: as `load_pool`, or another content key, or a tensor of another shape; one line naming the file.
+    """
+    pool = load_pool(path)
+    where = f"prototype pool {str(path)!r}"
+    stored = pool.meta.get("content_key")
+    if stored != content_key:
+        found = f"content key {str(stored)[:16]}..." if stored else "no content key"
+        raise PoolError(f"{where} holds {found}, not the expected {content_key[:16]}... (a pool of other images, "
+                        "weights or settings)")
+    for key in POOL_KEYS:
+        if tuple(pool.tensors[key].shape) != tuple(shapes[key]):
+            raise PoolError(f"{where}: tensor {key!r} has shape {tuple(pool.tensors[key].shape)}, the model's pool "
+                            f"needs {tuple(shapes[key])}")
+    return pool
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -168,19 +168,65 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def _registry_model(uri: str, device):
     """The cpews model behind an MLflow model URI (models:/cpews@champion), loaded through its pyfunc (which
     checks the weights' sha256), on `device`."""
+    tracking_uri = _model_store(uri)
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from orchestration.tracking import default_tracking_uri
-
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the local store that `make sweep` and `make promote` use
-        mlflow.set_tracking_uri(default_tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri)
     try:
         model = mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:
         raise ValueError(f"cannot load model {uri!r} from MLflow at {mlflow.get_tracking_uri()}: {exc.message}") from None
     loaded = model.unwrap_python_model().loaded
     return loaded._replace(model=loaded.model.to(device))
+
+
+def _model_store(uri: str) -> str:
+    """The MLflow tracking URI to load model `uri` from: MLFLOW_TRACKING_URI, else the local store that
+    `make sweep` and `make promote` use (runs/mlflow/mlflow.db). Checked without creating anything: MLflow would
+    create a missing local store (and its folder) before finding no model in it.
+
+    Raises:
+        ValueError: `uri` is a local path that does not exist, or the local store does not exist.
+    """
+    from urllib.parse import urlparse
+
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    store = env_uri or f"sqlite:///{Path('runs').resolve() / 'mlflow' / 'mlflow.db'}"
+    model_path = _local_path(uri)
+    if model_path is not None:  # a model folder on disk: no store needed
+        if not model_path.exists():
+            raise ValueError(f"cannot load model {uri!r}: {model_path.resolve()} does not exist")
+        return store
+    store_path = _local_path(store) if urlparse(uri).scheme in ("models", "runs") else None
+    if store_path is not None and not store_path.is_file() and not store_path.is_dir():
+        source = "MLFLOW_TRACKING_URI" if env_uri else "the local store; MLFLOW_TRACKING_URI is not set"
+        raise ValueError(f"cannot load model {uri!r}: there is no MLflow store at {store_path} ({source})")
+    return store
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file or folder a local URI names (a path, file:, sqlite:///); None for a server or another scheme."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return Path(unquote(urlparse(uri).path))
+    return Path(uri) if scheme == "" else None
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    """`--run-dir` as a Path, refused (naming it) when it or a folder above it is an existing file."""
+    path = Path(args.run_dir)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                which = "" if part == path else f"{part} "
+                raise ValueError(f"--run-dir {args.run_dir}: {which}is a file, not a folder")
+            break
+    return path
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -190,7 +236,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     try:
         with context:  # with --json, stdout carries the JSON only (progress, Ray's and MLflow's lines go to stderr)
             decision = promote(
-                args.sweep, run_dir=Path(args.run_dir), model_name=args.model_name, metric=args.metric,
+                args.sweep, run_dir=_run_dir(args), model_name=args.model_name, metric=args.metric,
                 min_delta=args.min_delta, alpha=args.alpha, baseline_margin=args.baseline_margin,
                 force=args.force, dry_run=args.dry_run, address=args.address,
             )
@@ -235,6 +281,8 @@ def _stop_on_sigterm() -> None:
 def _exit_code(outcome) -> int:
     if outcome.interrupted:
         return 130
+    if outcome.pending:  # MLflow lacks some of it: `cpews sweep sync NAME` delivers it
+        return 1
     return 0 if any(row["status"] == "completed" for row in outcome.rows) else 1
 
 
@@ -244,6 +292,8 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     from orchestration.sweep import next_free_name, renamed, run_sweep
 
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if not is_job_address(address):  # a job's --run-dir is the cluster's: checked inside the job
+        _run_dir(args)
     if args.spec_json:  # inside a Ray job: the sweep as the submitter validated it; paths are checked here
         # Ray may remove the job's uploaded working directory once the last trial worker using it ends: the
         # driver works from the (shared) run folder instead, and relative config paths resolve against it.
@@ -266,7 +316,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     if not args.name:  # `make sweep` again: a new sweep beside the old one, not an error
         spec = next_free_name(spec, Path(args.run_dir))
     _stop_on_sigterm()
-    outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=address)
+    outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=address, new_name_if_taken=not args.name)
     return _exit_code(outcome)
 
 
@@ -317,6 +367,7 @@ def cmd_sweep_resume(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     if is_job_address(address):
         return _submit(address, ["sweep", "resume", args.name, "--in-job"], args, args.name)
+    _run_dir(args)
     if args.in_job:  # see cmd_sweep_run: work from the shared run folder, not the job's upload
         os.chdir(args.run_dir)
     _stop_on_sigterm()
@@ -325,13 +376,33 @@ def cmd_sweep_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_leaderboard(args: argparse.Namespace) -> int:
-    from orchestration.sweep import _read_spec, format_leaderboard, load_leaderboard, sweep_paths
+    from orchestration.sweep import format_leaderboard, ranking_rule, read_leaderboard
 
-    rows = load_leaderboard(args.name, run_dir=Path(args.run_dir))
-    if args.json:
-        print(json.dumps([{k: v for k, v in row.items() if k != "path"} for row in rows], indent=1))
+    board = read_leaderboard(args.name, run_dir=_run_dir(args))
+    if args.json:  # stdout: the rows; stderr: where they come from and how they are ranked
+        print(json.dumps([{k: v for k, v in row.items() if k != "path"} for row in board.rows], indent=1))
+        print(f"leaderboard of sweep {args.name} from {board.source}; ranked {ranking_rule(board.spec)}",
+              file=sys.stderr)
     else:
-        print(format_leaderboard(rows, _read_spec(sweep_paths(Path(args.run_dir), args.name))))
+        print(format_leaderboard(board.rows, board.spec, source=board.source))
+    return 0
+
+
+def cmd_sweep_sync(args: argparse.Namespace) -> int:
+    """Deliver what the MLflow spools of a sweep still hold; exit 1 when something is still pending."""
+    from orchestration.sweep import existing_sweep
+    from orchestration.tracking import spool_backlog, sync_spools
+
+    paths = existing_sweep(_run_dir(args), args.name)
+    before = spool_backlog(paths.root)
+    left = sync_spools(paths.root, timeout_s=args.timeout)
+    if left.records:
+        reason = f": {left.last_error}" if left.last_error else " (MLflow unreachable?)"
+        print(f"cpews sweep sync: error: {left.describe()} of sweep {args.name} still pending in {paths.root}"
+              f"{reason}", file=sys.stderr)
+        return 1
+    print(f"sweep {args.name}: " + (f"{before.describe()} delivered to MLflow" if before.records else
+                                    "nothing pending, MLflow has everything"))
     return 0
 
 
@@ -436,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--json", action="store_true", help="print a JSON list of trials")
     board.add_argument("--run-dir", default="runs")
     board.set_defaults(func=cmd_sweep_leaderboard)
+    sync = sweeps.add_parser("sync", help="deliver what MLflow did not take yet (failed artifact uploads, "
+                                          "records of an outage); run it when the sweep is not running")
+    sync.add_argument("name")
+    sync.add_argument("--timeout", type=float, default=120.0, help="seconds to keep trying (default 120)")
+    sync.add_argument("--run-dir", default="runs")
+    sync.set_defaults(func=cmd_sweep_sync)
 
     pro = sub.add_parser("promote", help="refit a sweep's best configuration, score it, register it in MLflow")
     pro.add_argument("sweep", nargs="?", default=None, help="the sweep's name (default: the latest sweep)")

@@ -7,7 +7,9 @@ The folds are computed once per sweep, deterministically from a seed, saved besi
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ __all__ = [
     "SavedFolds",
     "fold_balance",
     "fold_splits",
+    "fold_std",
     "load_folds",
     "make_folds",
     "save_folds",
@@ -240,3 +243,10 @@ def split_folds(root: str | Path, dataset: str, split: str, k: int, seed: int) -
         "balance": fold_balance(folds, labels_by_id),
     }
     return SavedFolds(folds, meta)
+
+
+def fold_std(scores: Sequence[float]) -> float:
+    """The spread of a trial's fold scores: their sample standard deviation (ddof 1), the one convention of the
+    leaderboard, the trial's `cv/miou_seg_std` and promotion; NaN with fewer than two finite scores."""
+    finite = [float(s) for s in scores if s is not None and math.isfinite(float(s))]
+    return statistics.stdev(finite) if len(finite) > 1 else math.nan

@@ -32,6 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from orchestration.kfold import fold_std
+
 __all__ = [
     "BASELINE_KEYS",
     "CHAMPION_ALIAS",
@@ -125,13 +127,13 @@ def cv_drop_warning(heldout: float, fold_scores: Sequence[float], *, metric: str
                     max_stds: float = CV_DROP_STDS) -> str | None:
     """A warning when `heldout` falls more than `max_stds` fold standard deviations below the mean fold score.
 
-    The std is the sample std (ddof 1) of `fold_scores`; with fewer than two finite fold scores there is none
-    and no warning. Identical fold scores (std 0) make any drop a warning.
+    The std is `orchestration.kfold.fold_std` (sample, ddof 1) of `fold_scores`; with fewer than two finite
+    fold scores there is none and no warning. Identical fold scores (std 0) make any drop a warning.
     """
     scores = [float(s) for s in fold_scores if s is not None and math.isfinite(float(s))]
     if len(scores) < 2 or not math.isfinite(heldout):
         return None
-    mean, std = statistics.fmean(scores), statistics.stdev(scores)
+    mean, std = statistics.fmean(scores), fold_std(scores)
     if heldout >= mean - max_stds * std:
         return None
     drop = mean - heldout
@@ -153,7 +155,7 @@ def select_best(rows: Sequence[Mapping[str, Any]], k: int, *, mode: str = "max",
         if row.get("status") != "completed" or row.get("cv_miou_mean") is None:
             continue
         scores = [float(s) for s in row.get("fold_scores") or []]
-        std = statistics.stdev(scores) if len(scores) > 1 else float(row.get("cv_miou_std") or 0.0)
+        std = fold_std(scores) if len(scores) > 1 else float(row.get("cv_miou_std") or 0.0)
         se = std / math.sqrt(max(1, len(scores) or k))
         mean = float(row["cv_miou_mean"])
         scored.append({"trial": row["trial"], "mean": mean, "std": std, "se": se,
@@ -290,7 +292,11 @@ def promote(
     if metric not in GATE_METRICS:
         raise PromotionError(f"--metric {metric!r} is not one of {', '.join(GATE_METRICS)}")
     run_dir = Path(run_dir)
-    sweep = sweep or latest_sweep(run_dir)
+    named = f"sweep {sweep}"
+    if sweep is None:  # say which one, here and in every refusal
+        sweep = latest_sweep(run_dir)
+        named = f"sweep {sweep} (the latest in {run_dir / 'sweeps'}; no sweep named)"
+        out(f"promote: no sweep named: the latest sweep in {run_dir / 'sweeps'} is {sweep}")
     try:
         rows = load_leaderboard(sweep, run_dir=run_dir)
     except SweepError as exc:
@@ -298,7 +304,10 @@ def promote(
     paths = sweep_paths(run_dir, sweep)
     spec = _read_spec(paths)
     state = json.loads(paths.state.read_text())
-    selection = select_best(rows, spec.folds.k, mode=spec.objective.mode)
+    try:
+        selection = select_best(rows, spec.folds.k, mode=spec.objective.mode)
+    except PromotionError as exc:
+        raise PromotionError(f"{named}: {exc}") from None
     row = selection.row
     out(f"sweep {sweep}: promoting trial {row['trial']}: {selection.reason}")
     out(f"  params: {json.dumps(row['params'], sort_keys=True)}")
@@ -370,7 +379,7 @@ def promote(
     if cv_warning:
         out(f"warning: {cv_warning}")
     if not check.passed and not force:
-        message = (f"refusing trial {row['trial']}: {check.reason}; nothing registered "
+        message = (f"refusing trial {row['trial']} of {named}: {check.reason}; nothing registered "
                    "(--force registers it anyway)")
         decision.update({"promoted": False, "refused": True, "version": None, "reason": message})
         report = {"candidate": candidate_scores, "decision": decision}

@@ -7,9 +7,15 @@ trials, concurrency, folds, scheduler, per-trial resources, objective, time budg
 whose message begins with the file path and names the offending key path (`search.algoritm`,
 `space.loss.pdl_weight.loguniform`) and value.
 
-Pure Python: this module imports neither Ray, Optuna nor MLflow. `sample_params` works with any object that
-has Optuna's define-by-run methods (`suggest_float`, `suggest_int`, `suggest_categorical`), e.g. an
-`optuna.Trial`, an `optuna.trial.FixedTrial` or a test double; `optuna_distributions` imports Optuna inside.
+Validation also checks, before any trial starts, what would otherwise fail in every trial: values outside
+their config field's range (fixed values, categorical choices, the bounds of a searched range), an objective
+that the trials never report, folds smaller than a batch (the synthetic set, or the split list of a dataset on
+disk), and a `model.weights` file that does not load into the model's backbone.
+
+This module imports neither Ray, Optuna nor MLflow. `sample_params` works with any object that has Optuna's
+define-by-run methods (`suggest_float`, `suggest_int`, `suggest_categorical`), e.g. an `optuna.Trial`, an
+`optuna.trial.FixedTrial` or a test double; `optuna_distributions` imports Optuna inside. Validation imports
+torch inside (`cpews.training.keys`, and `cpews.model` / `cpews.data` for the checks of files on disk).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from cpews.config import (
     ConfigError,
     Scalar,
     TrainConfig,
+    check_range,
     coerce_value,
     field_annotation,
+    field_range,
     load_config,
 )
 
@@ -348,9 +356,13 @@ def load_sweep(
     """
     path = resolve_sweep_path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise SweepFileError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SweepFileError(
+            f"{path}: not a text (UTF-8) file: byte {exc.object[exc.start]:#04x} at offset {exc.start}"
+        ) from None
     except OSError as exc:
         raise SweepFileError(f"{path}: cannot be read: {exc}") from None
     if data is None:
@@ -580,9 +592,12 @@ class _Validator:
                 "see `cpews config show`)"
             ) from None
 
-    def coerce(self, path: str, annotation: Any, value: Any) -> Any:
+    def coerce(self, path: str, annotation: Any, value: Any, key: str | None = None) -> Any:
+        """`value` checked against the field's type and, with the config `key`, its valid range."""
+        source = self.source or "sweep"
         try:
-            return coerce_value(path, annotation, value, source=self.source or "sweep")
+            value = coerce_value(path, annotation, value, source=source)
+            return check_range(path, value, field_range(key), source) if key is not None else value
         except ConfigError as exc:
             raise SweepFileError(str(exc)) from None
 
@@ -664,7 +679,7 @@ class _Validator:
             if key in flat:
                 raise self.error(f"fixed.{key}: given twice (nested and dotted)")
             annotation = self.config_key(f"fixed.{key}", key)
-            flat[key] = self.coerce(f"fixed.{key}", annotation, value)
+            flat[key] = self.coerce(f"fixed.{key}", annotation, value, key)
         cfg = TrainConfig.from_flat_dict(flat, base=base)
         canonical = cfg.to_flat_dict()
         return {key: canonical[key] for key in flat}, cfg
@@ -747,6 +762,9 @@ class _Validator:
             raise self.error(f"{kpath}: empty range {list(value)!r}: low must be < high")
         if kind == "loguniform" and not low > 0:
             raise self.error(f"{kpath}: loguniform needs low > 0, got {list(value)!r}")
+        valid = field_range(key)
+        if valid is not None and not (low in valid and high in valid):
+            raise self.error(f"{kpath}: {list(value)!r} reaches outside the valid range {valid} of {key}")
         step = None
         if kind == "int" and entry.get("step") is not None:
             step = self.integer(f"{path}.step", entry["step"], minimum=1)
@@ -762,7 +780,7 @@ class _Validator:
         for index, item in enumerate(value):
             if isinstance(item, (Mapping, list, tuple)) and get_origin(annotation) is not tuple:
                 raise self.error(f"{kpath}[{index}]: expected a scalar value, got {item!r}")
-            canonical = self.canonical(key, self.coerce(f"{kpath}[{index}]", annotation, item))
+            canonical = self.canonical(key, self.coerce(f"{kpath}[{index}]", annotation, item, key))
             if canonical in choices:
                 raise self.error(f"{kpath}[{index}]: duplicate value {item!r}")
             choices.append(canonical)
@@ -901,8 +919,11 @@ class _Validator:
         self.keys("objective", raw, [f.name for f in dataclasses.fields(ObjectiveSettings)])
         d = ObjectiveSettings()
         metric = self.string("objective.metric", _or(raw.get("metric"), d.metric))
-        if "/" not in metric:
-            raise self.error(f"objective.metric: {metric!r} is not a metric key of the form '<split>/<name>'")
+        reported = _trial_report_keys()
+        if metric not in reported:
+            raise self.error(
+                f"objective.metric: {metric!r} is not reported by the sweep's trials; valid: {', '.join(reported)}"
+            )
         return ObjectiveSettings(
             metric=metric, mode=self.choice("objective.mode", _or(raw.get("mode"), d.mode), ("max", "min"))
         )
@@ -919,21 +940,10 @@ class _Validator:
         """Settings that would make every (or some) trial fail or silently skip a stage."""
 
         def span(key: str) -> tuple[float, float]:
-            for dist in spec.space:
-                if dist.key == key:
-                    if dist.kind == "categorical":
-                        values = [float(v) for v in dist.choices]
-                        return min(values), max(values)
-                    return float(dist.low), float(dist.high)
-            value = float(cfg.to_flat_dict()[key])
-            return value, value
+            return _span(spec, cfg, key)
 
         def where(key: str) -> str:
-            return (
-                f"space.{key}"
-                if key in spec.searched_keys()
-                else (f"fixed.{key}" if key in spec.fixed else "base_config")
-            )
+            return _where(spec, key)
 
         def name(key: str) -> str:
             place = where(key)
@@ -964,18 +974,49 @@ class _Validator:
             and spec.folds.split == cfg.data.train_split
             and "data.synthetic_train" not in spec.searched_keys()
         ):
-            images = cfg.data.synthetic_train
-            if spec.folds.k > images:
-                raise self.error(
-                    f"folds.k: {spec.folds.k} folds of {images} images (data.synthetic_train): every fold needs an image"
-                )
-            fold_train = images - math.ceil(images / spec.folds.k)
-            batch = span("train.batch_size")
-            if batch[1] > fold_train:
-                raise self.error(
-                    f"{where('train.batch_size')}: train.batch_size reaches {batch[1]:g} but a fold trains on "
-                    f"{fold_train} images ({images} synthetic images, folds.k={spec.folds.k})"
-                )
+            self.fold_sizes(spec, cfg, cfg.data.synthetic_train, "synthetic images, data.synthetic_train")
+
+    def fold_sizes(self, spec: SweepSpec, cfg: TrainConfig, images: int, what: str) -> None:
+        """Each of the k folds of `images` images (described by `what`) gets an image, and the images a fold
+        trains on (all but the largest fold) fill the largest batch size a trial can take."""
+        if spec.folds.k > images:
+            raise self.error(f"folds.k: {spec.folds.k} folds of {images} images ({what}): every fold needs an image")
+        fold_train = images - math.ceil(images / spec.folds.k)
+        batch = _span(spec, cfg, "train.batch_size")
+        if batch[1] > fold_train:
+            raise self.error(
+                f"{_where(spec, 'train.batch_size')}: train.batch_size reaches {batch[1]:g} but a fold trains on "
+                f"{fold_train} images ({images} {what}, folds.k={spec.folds.k})"
+            )
+
+    def split_on_disk(self, spec: SweepSpec, cfg: TrainConfig) -> None:
+        """The fold split of a dataset read from disk: its ids can be read and its folds hold a batch."""
+        from cpews.data.datasets import DatasetLayout, read_split_ids
+
+        split, root = spec.folds.split, cfg.data.root
+        try:
+            ids = read_split_ids(root, cfg.data.dataset, split)
+        except (ValueError, OSError) as exc:
+            raise self.error(f"folds.split: {split!r} of the {cfg.data.dataset} dataset cannot be read: {exc}") from None
+        listed = DatasetLayout(Path(root), cfg.data.dataset).list_path(split)
+        source = str(listed) if listed.is_file() else f"split {split!r} of {root}"
+        self.fold_sizes(spec, cfg, len(ids), f"ids in {source}")
+
+    def weights(self, spec: SweepSpec, cfg: TrainConfig) -> None:
+        """Each local `model.weights` file (fixed, or each searched choice) loads into the model's backbone."""
+        if "model.weights" in spec.searched_keys():
+            choices = spec.distribution("model.weights").choices
+            candidates = [(f"space.model.weights.categorical[{i}]", str(v)) for i, v in enumerate(choices)]
+        else:
+            candidates = [(_where(spec, "model.weights"), cfg.model.weights)]
+        for place, weights in candidates:
+            if not weights or weights in ("hub", SYNTHETIC_WEIGHTS):  # downloaded / made before the first trial
+                continue
+            if not Path(weights).is_file():
+                raise self.error(f"{place}: model.weights file {weights!r} does not exist")
+            problem = _weights_problem(cfg, weights)
+            if problem:
+                raise self.error(f"{place}: {problem}")
 
     def paths(self, spec: SweepSpec, cfg: TrainConfig) -> None:
         def where(key: str) -> str:
@@ -992,14 +1033,15 @@ class _Validator:
                     f"{where('data.root')}: the {cfg.data.dataset} dataset folder {root!r} does not exist "
                     f"(relative to {os.getcwd()}); set fixed.data.root or --set fixed.data.root=PATH"
                 )
+            if cfg.data.dataset != "synthetic" and not root.startswith("s3://"):
+                self.split_on_disk(spec, cfg)
         weights = cfg.model.weights
         if weights == SYNTHETIC_WEIGHTS and cfg.data.dataset == "synthetic" and cfg.pretrain.seed == cfg.data.synthetic_seed:
             raise self.error(
                 f"{where('pretrain.seed')}: pretrain.seed={cfg.pretrain.seed} equals data.synthetic_seed: the "
                 "pretraining set would hold the images the trials train and score on"
             )
-        if weights and weights not in ("hub", SYNTHETIC_WEIGHTS) and not Path(weights).is_file():
-            raise self.error(f"{where('model.weights')}: model.weights file {weights!r} does not exist")
+        self.weights(spec, cfg)
         if cfg.proto.source == "checkpoint" and not Path(cfg.proto.checkpoint).is_file():
             raise self.error(
                 f"{where('proto.checkpoint')}: proto.checkpoint file {cfg.proto.checkpoint!r} does not exist"
@@ -1008,6 +1050,60 @@ class _Validator:
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _span(spec: SweepSpec, cfg: TrainConfig, key: str) -> tuple[float, float]:
+    """The lowest and highest value numeric config `key` takes in the sweep's trials."""
+    for dist in spec.space:
+        if dist.key == key:
+            if dist.kind == "categorical":
+                values = [float(v) for v in dist.choices]
+                return min(values), max(values)
+            return float(dist.low), float(dist.high)
+    value = float(cfg.to_flat_dict()[key])
+    return value, value
+
+
+def _where(spec: SweepSpec, key: str) -> str:
+    """Where the sweep's value of config `key` comes from: `space.<key>`, `fixed.<key>` or `base_config`."""
+    if key in spec.searched_keys():
+        return f"space.{key}"
+    return f"fixed.{key}" if key in spec.fixed else "base_config"
+
+
+def _weights_problem(cfg: TrainConfig, weights: str) -> str | None:
+    """Why the state dict in file `weights` does not load into the backbone of `cfg`'s model (None: it does).
+
+    The model is built on the meta device (shapes only, no memory, no init) and the file goes through the
+    trainer's own loader, `cpews.model.backbone.load_backbone_weights`. Imports torch.
+    """
+    import warnings
+
+    import torch
+
+    from cpews.model import build_model
+    from cpews.model.backbone import load_backbone_weights
+
+    try:
+        with torch.device("meta"):
+            vit = build_model(cfg, num_classes=1, weights="").backbone.vit  # the classes do not touch the backbone
+    except ValueError as exc:
+        return f"the model cannot be built to check model.weights against it: {exc}"
+    try:
+        with warnings.catch_warnings():  # copying into meta tensors is a no-op, which torch warns about
+            warnings.simplefilter("ignore")
+            load_backbone_weights(vit, weights)
+    except (ValueError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def _trial_report_keys() -> tuple[str, ...]:
+    """The metric keys of every report a sweep's trial makes (`cpews.training.keys.TRIAL_REPORT_KEYS`): the
+    objective must be one of them (Tune's scheduler and searcher need it in each result). Imports torch."""
+    from cpews.training.keys import TRIAL_REPORT_KEYS
+
+    return TRIAL_REPORT_KEYS
 
 
 # ------------------------------------------------------------------------------------------------------------

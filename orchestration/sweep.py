@@ -9,7 +9,11 @@ A sweep named NAME lives in `<run_dir>/sweeps/NAME/` (run_dir defaults to `runs`
     trials/<id>/      each trial's own folder: fold outputs (checkpoints, pools, overlays), MLflow spools
     pool_cache/       prototype pools by content key, shared by the sweep's trials (proto.cache_dir)
     mlflow_spool/     the spool of the sweep's own MLflow run
+    stops.jsonl       why Tune stopped trials early: the scheduler (pruned) or the time budget (timeout)
     leaderboard.json  written at the end of each run or resume
+
+New sweeps are named and created under a lock on `<run_dir>/sweeps/.lock` (`claim_sweep`), so two `sweep run`
+started at once never share a folder, and the local MLflow store is created by one of them only.
 
 The MLflow store is `MLFLOW_TRACKING_URI` when set, else SQLite under `<run_dir>/mlflow` (see
 `orchestration.tracking.resolve_store`). The tree in MLflow: experiment = the sweep's `tracking.experiment`; a
@@ -19,7 +23,9 @@ run for the sweep; under it a run per trial; under each trial a run per fold (`m
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,6 +45,7 @@ from orchestration.tracking import (
     find_spool_dirs,
     resolve_store,
     runs_left_running,
+    spool_backlog,
 )
 from orchestration.trial import (
     CV_BASELINE,
@@ -53,14 +60,20 @@ from orchestration.trial import (
 )
 
 __all__ = [
+    "ClaimedSweep",
+    "Leaderboard",
     "SweepError",
     "SweepOutcome",
     "SweepPaths",
+    "claim_sweep",
     "existing_sweep",
+    "failure_lines",
     "format_leaderboard",
     "leaderboard_rows",
     "load_leaderboard",
     "next_free_name",
+    "ranking_rule",
+    "read_leaderboard",
     "renamed",
     "resume_sweep",
     "run_sweep",
@@ -68,6 +81,7 @@ __all__ = [
 ]
 
 STATE_FORMAT = "cpews-sweep/1"
+SWEEPS_LOCK = ".lock"  # <run_dir>/sweeps/.lock: held while a new sweep is named and created
 Printer = Callable[[str], None]
 
 
@@ -85,6 +99,7 @@ class SweepPaths(NamedTuple):
     pool_cache: Path
     parent_spool: Path
     leaderboard: Path
+    stops: Path  # orchestration.tune_runner.STOPS_FILE
 
 
 class SweepOutcome(NamedTuple):
@@ -96,6 +111,7 @@ class SweepOutcome(NamedTuple):
     parent_run_id: str
     wall_time_s: float
     paths: SweepPaths
+    pending: int = 0  # MLflow records (artifact uploads included) not delivered: `cpews sweep sync NAME`
 
 
 def sweep_paths(run_dir: Path, name: str) -> SweepPaths:
@@ -110,6 +126,7 @@ def sweep_paths(run_dir: Path, name: str) -> SweepPaths:
         pool_cache=root / "pool_cache",
         parent_spool=root / "mlflow_spool",
         leaderboard=root / "leaderboard.json",
+        stops=root / "stops.jsonl",
     )
 
 
@@ -143,6 +160,66 @@ def next_free_name(spec: SweepSpec, run_dir: Path) -> SweepSpec:
     while sweep_paths(run_dir, f"{spec.name}-{n}").root.exists():
         n += 1
     return renamed(spec, f"{spec.name}-{n}")
+
+
+@contextlib.contextmanager
+def _sweeps_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock (fcntl) on `<run_dir>/sweeps/.lock` for the block; another process waits."""
+    folder = Path(run_dir).resolve() / "sweeps"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise SweepError(f"--run-dir {run_dir}: cannot create {folder}: {exc.strerror}") from None
+    with open(folder / SWEEPS_LOCK, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _refuse_existing(spec: SweepSpec, run_dir: Path) -> None:
+    paths = sweep_paths(run_dir, spec.name)
+    if paths.root.exists():
+        raise SweepError(
+            f"sweep {spec.name!r} exists already in {paths.root}; continue it with `cpews sweep resume "
+            f"{spec.name}`, or start a new one with --name (or delete that folder)"
+        )
+
+
+class ClaimedSweep(NamedTuple):
+    spec: SweepSpec  # renamed when its name was taken and `new_name_if_taken`
+    paths: SweepPaths
+    store: Any  # orchestration.tracking.LocalStore
+    experiment_id: str
+
+
+def claim_sweep(spec: SweepSpec, run_dir: Path, *, new_name_if_taken: bool = False,
+                out: Printer = print) -> ClaimedSweep:
+    """Name a new sweep, make sure of its MLflow store and experiment, and create its (empty) folder, all under
+    the run folder's lock: of two processes starting a sweep of one name at once, the second gets the next free
+    name (`new_name_if_taken`) or a SweepError, and the local SQLite store is created by one process only.
+
+    Raises:
+        SweepError: the name is taken (and not `new_name_if_taken`); the MLflow store cannot be used.
+    """
+    from mlflow.tracking import MlflowClient
+
+    with _sweeps_lock(run_dir):
+        if new_name_if_taken:
+            spec = next_free_name(spec, run_dir)
+        _refuse_existing(spec, run_dir)
+        paths = sweep_paths(run_dir, spec.name)
+        store = resolve_store(run_dir)
+        out(f"MLflow store: {store.tracking_uri}"
+            + (f" (artifacts {store.artifact_root})" if store.artifact_root else ""))
+        try:
+            experiment_id = ensure_experiment(MlflowClient(store.tracking_uri), spec.tracking.experiment,
+                                              store.artifact_root)
+        except Exception as exc:
+            raise SweepError(f"MLflow store {store.tracking_uri} cannot be used: {type(exc).__name__}: {exc}") from exc
+        paths.root.mkdir(parents=True)
+    return ClaimedSweep(spec, paths, store, experiment_id)
 
 
 def _code_version() -> dict[str, str]:
@@ -234,6 +311,7 @@ def run_sweep(
     num_cpus: int | None = None,
     address: str | None = None,
     faults: Mapping[str, Any] | None = None,
+    new_name_if_taken: bool = False,
 ) -> SweepOutcome:
     """Start sweep `spec` and run it to the end (or until interrupted); returns the leaderboard.
 
@@ -243,19 +321,15 @@ def run_sweep(
         num_cpus: CPUs of a local Ray instance (default: enough for `max_concurrent` trials).
         address: a Ray cluster to join (default: RAY_ADDRESS, else a local instance).
         faults: fault injection for tests (`TrialContext.kill_at`, `crash_after_fold`).
+        new_name_if_taken: when a sweep of that name exists (or another process claims the name first), run as
+            the next free name (`next_free_name`) instead of refusing.
 
     Raises:
         SweepError: a sweep of that name exists already (resume it or pick another name); MLflow unreachable.
     """
     started = time.time()
-    paths = sweep_paths(run_dir, spec.name)
-    if paths.root.exists():
-        raise SweepError(
-            f"sweep {spec.name!r} exists already in {paths.root}; continue it with `cpews sweep resume "
-            f"{spec.name}`, or start a new one with --name (or delete that folder)"
-        )
-    store = resolve_store(run_dir)
-    out(f"MLflow store: {store.tracking_uri}" + (f" (artifacts {store.artifact_root})" if store.artifact_root else ""))
+    if not new_name_if_taken:  # before the data and the backbone are made; checked again under the lock
+        _refuse_existing(spec, run_dir)
     from cpews.config import SYNTHETIC_WEIGHTS
     from cpews.training.data import resolve_data_root
     from cpews.training.pretrain import ensure_pretrained
@@ -266,13 +340,7 @@ def run_sweep(
     if base_cfg.model.weights == SYNTHETIC_WEIGHTS:  # the pretrained backbone, made once before any trial starts
         ensure_pretrained(base_cfg, progress=out)
     saved = split_folds(data_root, base_cfg.data.dataset, split, spec.folds.k, spec.folds.seed)
-    from mlflow.tracking import MlflowClient
-
-    try:
-        experiment_id = ensure_experiment(MlflowClient(store.tracking_uri), spec.tracking.experiment, store.artifact_root)
-    except Exception as exc:
-        raise SweepError(f"MLflow store {store.tracking_uri} cannot be used: {type(exc).__name__}: {exc}") from exc
-    paths.root.mkdir(parents=True)
+    spec, paths, store, experiment_id = claim_sweep(spec, run_dir, new_name_if_taken=new_name_if_taken, out=out)
     try:
         paths.spec.write_text(spec.to_yaml())
         save_folds(paths.folds, saved.folds, saved.meta)
@@ -284,31 +352,32 @@ def run_sweep(
     except BaseException:
         shutil.rmtree(paths.root, ignore_errors=True)  # nothing half-made is left behind
         raise
-    state = {
-        "format": STATE_FORMAT,
-        "name": spec.name,
-        "tracking_uri": store.tracking_uri,
-        "experiment_id": experiment_id,
-        "parent_run_id": parent.run_id,
-        "split": split,
-        "workdir": os.getcwd(),
-        "data_root": str(Path(data_root).resolve()),
-        "created": started,
-    }
-    _write_json(paths.state, state)
-    parent.log_params(_sweep_params(spec))
-    parent.log_artifact(paths.spec)
-    parent.log_artifact(paths.folds)
-    out(f"sweep {spec.name}: {spec.search.num_trials} trials x {spec.folds.k} folds, {spec.search.max_concurrent} "
-        f"at a time; folder {paths.root}")
-    out(f"MLflow: experiment {spec.tracking.experiment!r} (id {experiment_id}), sweep run {parent.run_id}")
-    context = _context(spec, paths, state, saved.folds, faults)
-    from orchestration.tune_runner import make_tuner
+    with contextlib.ExitStack() as session:
+        try:  # until Tune holds the sweep, a failure removes it and ends its MLflow run as failed, never RUNNING
+            state = {
+                "format": STATE_FORMAT,
+                "name": spec.name,
+                "tracking_uri": store.tracking_uri,
+                "experiment_id": experiment_id,
+                "parent_run_id": parent.run_id,
+                "split": split,
+                "workdir": os.getcwd(),
+                "data_root": str(Path(data_root).resolve()),
+                "created": started,
+            }
+            _write_json(paths.state, state)
+            parent.log_params(_sweep_params(spec))
+            parent.log_artifact(paths.spec)
+            parent.log_artifact(paths.folds)
+            out(f"sweep {spec.name}: {spec.search.num_trials} trials x {spec.folds.k} folds, "
+                f"{spec.search.max_concurrent} at a time; folder {paths.root}")
+            out(f"MLflow: experiment {spec.tracking.experiment!r} (id {experiment_id}), sweep run {parent.run_id}")
+            context = _context(spec, paths, state, saved.folds, faults)
+            from orchestration.tune_runner import make_tuner
 
-    with _ray_session(num_cpus, spec, address):
-        try:
+            session.enter_context(_ray_session(num_cpus, spec, address))
             tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name)
-        except BaseException:  # nothing ran: remove the sweep, end its MLflow run as failed
+        except BaseException:  # nothing ran
             parent.set_tags({"cpews.status": "failed to start"})
             parent.end("FAILED")
             shutil.rmtree(paths.root, ignore_errors=True)
@@ -344,16 +413,22 @@ def resume_sweep(
         run_id=state["parent_run_id"],
     )
     context = _context(spec, paths, state, folds, None)
-    with _ray_session(num_cpus, spec, address):
-        from ray import tune
+    with contextlib.ExitStack() as session:
+        try:  # the sweep's run, reopened, is never left RUNNING: a failure here leaves it resumable (KILLED)
+            session.enter_context(_ray_session(num_cpus, spec, address))
+            from ray import tune
 
-        if tune.Tuner.can_restore(str(paths.tune)):
-            out(f"sweep {name}: resuming from {paths.tune}")
-            tuner = restore_tuner(spec, context, experiment_dir=paths.tune)
-        else:  # stopped before Tune saved anything: start the search afresh, in the same folder and runs
-            out(f"sweep {name}: Tune had saved no state yet; starting its trials")
-            shutil.rmtree(paths.tune, ignore_errors=True)
-            tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name)
+            if tune.Tuner.can_restore(str(paths.tune)):
+                out(f"sweep {name}: resuming from {paths.tune}")
+                tuner = restore_tuner(spec, context, experiment_dir=paths.tune)
+            else:  # stopped before Tune saved anything: start the search afresh, in the same folder and runs
+                out(f"sweep {name}: Tune had saved no state yet; starting its trials")
+                shutil.rmtree(paths.tune, ignore_errors=True)
+                tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name)
+        except BaseException:
+            parent.set_tags({"cpews.status": "interrupted"})
+            parent.end("KILLED")
+            raise
         return _fit_and_close(tuner, spec, paths, state, parent, out, started)
 
 
@@ -375,6 +450,11 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
         tuner.fit()
         rows = leaderboard_rows(paths, spec)
         interrupted = any(row["status"] in ("interrupted", "pending") for row in rows)
+    except BaseException as exc:  # Tune itself gave up (or Ctrl-C outside its loop): the sweep's run ends too
+        stopped = isinstance(exc, KeyboardInterrupt)
+        parent.set_tags({"cpews.status": "interrupted" if stopped else f"failed: {type(exc).__name__}"})
+        parent.end("KILLED" if stopped else "FAILED", timeout_s=30.0)
+        raise
     finally:
         # every run of every trial ends, whatever happened (their spools say which are still open)
         rows_now = _safe_rows(paths, spec)
@@ -383,16 +463,20 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
                 close_trial_runs(Path(row["path"]), row["status"], state["tracking_uri"], timeout_s=30.0)
         for spool in find_spool_dirs(paths.trials):  # trials without a row (e.g. Tune never recorded them)
             finalize_spool(spool, "KILLED", state["tracking_uri"], timeout_s=30.0)
-    _write_json(paths.leaderboard, {"sweep": spec.name, "objective": spec.objective.metric, "trials": rows})
+    _write_json(paths.leaderboard, {"sweep": spec.name, "objective": spec.objective.metric,
+                                    "ranking": ranking_rule(spec), "source": _tune_source(paths), "trials": rows})
     best = next((row for row in rows if row["status"] == "completed"), None)
+    finished = sum(row["status"] not in ("interrupted", "pending") for row in rows)  # the summary's step
     if best is not None:
-        parent.log_metrics({"best/" + CV_MEAN: best["cv_miou_mean"], "best/" + CV_STD: best["cv_miou_std"]}, step=0)
+        parent.log_metrics({"best/" + CV_MEAN: best["cv_miou_mean"], "best/" + CV_STD: best["cv_miou_std"]},
+                           step=finished)
         parent.set_tags({"cpews.best_trial": best["trial"], "cpews.best_run_id": best.get("mlflow_run_id") or ""})
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("completed", "pruned", "failed")}
-    parent.log_metrics({f"trials/{k}": float(v) for k, v in counts.items()}, step=0)
+    counts = {status: sum(row["status"] == status for row in rows) for status in _ENDED}
+    parent.log_metrics({f"trials/{k}": float(v) for k, v in counts.items()}, step=finished)
     parent.log_artifact(paths.leaderboard)
-    parent.set_tags({"cpews.status": "interrupted" if interrupted else "finished"})
-    left = parent.end("KILLED" if interrupted else "FINISHED", timeout_s=60.0)
+    failed = not interrupted and not counts["completed"]  # no result: the run is FAILED and the exit non-zero
+    parent.set_tags({"cpews.status": "interrupted" if interrupted else "failed" if failed else "finished"})
+    left = parent.end("KILLED" if interrupted else "FAILED" if failed else "FINISHED", timeout_s=60.0)
     from mlflow.tracking import MlflowClient
 
     try:
@@ -401,17 +485,23 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
         running = []
     wall = time.time() - started
     out("")
-    out(format_leaderboard(rows, spec))
+    out(format_leaderboard(rows, spec, source=_tune_source(paths)))
     if left or running:
         out(f"MLflow: {left} record(s) of the sweep run not delivered yet; {len(running)} run(s) still RUNNING")
     if interrupted:
         out(f"sweep {spec.name} interrupted after {wall:.0f} s; continue it with: cpews sweep resume {spec.name}")
     else:
-        out(f"sweep {spec.name} finished in {wall:.0f} s: {counts['completed']} completed, {counts['pruned']} "
-            f"pruned, {counts['failed']} failed")
+        summary = ", ".join(f"{counts[status]} {status}" for status in _ENDED)
+        verb = "failed (no trial completed)" if failed else "finished"
+        out(f"sweep {spec.name} {verb} in {wall:.0f} s: {summary}")
     out(f"MLflow store: {state['tracking_uri']}  (make ui, then open experiment {spec.tracking.experiment!r})")
+    backlog = spool_backlog(paths.root)
+    if backlog.records:
+        out(f"{backlog.describe()} pending: run `cpews sweep sync {spec.name}`")
+    for line in failure_lines(rows):  # the last lines: why each failed trial failed, and where its error is
+        out(line)
     return SweepOutcome(spec.name, rows, interrupted, state["tracking_uri"], state["experiment_id"],
-                        state["parent_run_id"], wall, paths)
+                        state["parent_run_id"], wall, paths, backlog.records)
 
 
 def _safe_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -421,25 +511,77 @@ def _safe_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]:
         return []
 
 
-def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per trial of the sweep's Tune experiment, best first (completed by score, then the rest).
+_ENDED = ("completed", "pruned", "timeout", "failed")  # the statuses of trials that ended (the summary's counts)
 
-    Row keys: rank, trial, params (the searched keys), cv_miou_mean, cv_miou_std, baseline_miou (the mean over
-    the trial's finished folds of the all-background mIoU of their images), folds_completed, status,
-    wall_time_s, fold_scores, mlflow_run_id, error, path, timings (time/... seconds).
+
+def ranking_rule(spec: SweepSpec) -> str:
+    """How the leaderboard orders trials, in words (its header and leaderboard.json say it)."""
+    from orchestration.tune_runner import STATUSES
+
+    best = "highest" if spec.objective.mode == "max" else "lowest"
+    return (f"by status ({', '.join(STATUSES)}), then folds completed (most first), then {CV_MEAN} ({best} "
+            "first)")
+
+
+def _rank(rows: list[dict[str, Any]], spec: SweepSpec) -> list[dict[str, Any]]:
+    """`rows` sorted by `ranking_rule`, with their `rank` set (1 = best)."""
+    from orchestration.tune_runner import STATUSES
+
+    order = {status: i for i, status in enumerate(STATUSES)}
+    sign = -1.0 if spec.objective.mode == "max" else 1.0
+    rows.sort(key=lambda r: (order.get(r["status"], len(order)), -r["folds_completed"], r["cv_miou_mean"] is None,
+                             sign * (r["cv_miou_mean"] or 0.0)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _spread(fold_scores: Sequence[float], folds_completed: int, reported: Any) -> float | None:
+    """The fold std of a row: `fold_std` of the fold scores when they are all there, else the reported one."""
+    from orchestration.kfold import fold_std
+
+    if fold_scores and len(fold_scores) == folds_completed:
+        return _finite(fold_std(fold_scores))
+    return _finite(reported) if folds_completed > 1 else None
+
+
+def _tune_source(paths: SweepPaths) -> str:
+    return f"Tune's experiment state in {paths.tune}"
+
+
+def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]:
+    """One row per trial of the sweep's Tune experiment, read from disk (no Ray instance needed), ranked by
+    `ranking_rule`.
+
+    Row keys: rank, trial, params (the searched keys), cv_miou_mean, cv_miou_std (sample std of the fold scores,
+    `fold_std`), baseline_miou (the mean over the trial's finished folds of the all-background mIoU of their
+    images), folds_completed, status (completed | pruned | timeout | interrupted | pending | failed),
+    wall_time_s, fold_scores, mlflow_run_id, error (a failed trial's exception, its last line), error_file,
+    path, timings (time/... seconds).
     """
     from ray.tune import ExperimentAnalysis
 
     from orchestration.trial import TRIAL_STATE_FILE, trial_params
-    from orchestration.tune_runner import trial_outcome
+    from orchestration.tune_runner import read_stop_reasons, trial_outcome
 
     if not paths.tune.is_dir():
         return []
-    analysis = ExperimentAnalysis(str(paths.tune))
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # a trial stopped before its first report has no result files: not news
+    try:
+        analysis = ExperimentAnalysis(str(paths.tune))
+    finally:
+        quiet.setLevel(level)
+    stops = read_stop_reasons(paths.stops)
     rows = []
     for trial in analysis.trials:
         last = trial.last_result or {}
-        status = trial_outcome(trial.status, last, spec.folds.k)
+        status = trial_outcome(trial.status, last, spec.folds.k, stops.of(trial.trial_id))
         trial_state: dict[str, Any] = {}
         trial_dir = paths.trials / trial.trial_id
         spool_meta = trial_dir / "mlflow" / "trial" / "run.json"
@@ -448,60 +590,156 @@ def leaderboard_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]
             with contextlib.suppress(OSError, ValueError):
                 with trial.checkpoint.as_directory() as directory:
                     trial_state = json.loads((Path(directory) / TRIAL_STATE_FILE).read_text())
-        mean = last.get(CV_MEAN)
+        mean = _finite(last.get(CV_MEAN))
         baselines = [float(b) for b in trial_state.get("fold_baselines", [])]
         baseline = statistics.fmean(baselines) if baselines else last.get(CV_BASELINE)
+        folds = int(last.get(FOLDS_COMPLETED, 0) or 0)
+        scores = trial_state.get("fold_scores", [])
+        error_file = paths.tune / trial.storage.trial_dir_name / "error.txt"
         rows.append({
             "trial": trial.trial_id,
             "params": trial_params(trial.config or {}),
-            "cv_miou_mean": mean if mean is not None and math.isfinite(mean) else None,
-            "cv_miou_std": last.get(CV_STD) if mean is not None and math.isfinite(mean) else None,
-            "baseline_miou": baseline if baseline is not None and math.isfinite(baseline) else None,
-            "folds_completed": int(last.get(FOLDS_COMPLETED, 0) or 0),
+            "cv_miou_mean": mean,
+            "cv_miou_std": _spread(scores, folds, last.get(CV_STD)) if mean is not None else None,
+            "baseline_miou": _finite(baseline),
+            "folds_completed": folds,
             "status": status,
             "wall_time_s": last.get("time_total_s"),
-            "fold_scores": trial_state.get("fold_scores", []),
+            "fold_scores": scores,
             "nodes": trial_state.get("nodes", []),
             "mlflow_run_id": run_id or trial_state.get("trial_run_id"),
-            "error": _error_text(trial) if status == "failed" else None,
+            "error": _error_text(error_file) if status == "failed" else None,
+            "error_file": str(error_file) if status == "failed" and error_file.is_file() else None,
             "path": str(trial_dir),
             "timings": {k: last[k] for k in (*TIME_KEYS, FIRST_STEP_AT) if k in last},
         })
-    sign = -1.0 if spec.objective.mode == "max" else 1.0
-    order = {"completed": 0, "pruned": 1, "interrupted": 2, "pending": 3, "failed": 4}
-    rows.sort(key=lambda r: (order[r["status"]], -r["folds_completed"], r["cv_miou_mean"] is None,
-                             sign * (r["cv_miou_mean"] or 0.0)))
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-    return rows
+    return _rank(rows, spec)
 
 
-def _error_text(trial: Any) -> str | None:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        lines = [line for line in Path(path).read_text(errors="replace").strip().splitlines() if line.strip()]
+def _error_text(path: Path) -> str | None:
+    """The last line of a trial's error file (Tune's `error.txt`: the exception of its last attempt)."""
+    if path.is_file():
+        lines = [line for line in path.read_text(errors="replace").strip().splitlines() if line.strip()]
         return lines[-1][:500] if lines else None
     return None
 
 
-def load_leaderboard(name: str, *, run_dir: Path = Path("runs")) -> list[dict[str, Any]]:
-    """The leaderboard of sweep `name`: computed from its Tune folder (so it is current even while the sweep
-    runs or after an interruption), else the saved `leaderboard.json`.
+def failure_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per failed trial: its exception (last line) and the file that holds the whole of it."""
+    lines = []
+    for row in rows:
+        if row["status"] != "failed":
+            continue
+        where = (f"error file {row['error_file']}" if row.get("error_file")
+                 else f"no error file; see {row.get('path') or 'its trial folder'}")
+        lines.append(f"trial {row['trial']} failed: {row.get('error') or 'no exception recorded'} ({where})")
+    return lines
+
+
+class Leaderboard(NamedTuple):
+    rows: list[dict[str, Any]]  # as `leaderboard_rows` returns them
+    source: str  # where they come from, in words
+    spec: SweepSpec
+
+
+def read_leaderboard(name: str, *, run_dir: Path = Path("runs")) -> Leaderboard:
+    """The leaderboard of sweep `name`, from what is on disk and in MLflow; no Ray instance is needed.
+
+    Tune's experiment state first (it is current while the sweep runs, after a crash or an interruption); when
+    it cannot be read, the sweep's trial runs in MLflow; the saved `leaderboard.json` only when it holds more
+    trials than those (it is written at the end of a run, so it can be out of date).
 
     Raises:
         SweepError: no such sweep.
     """
     paths = existing_sweep(run_dir, name)
     spec = _read_spec(paths)
-    rows = _safe_rows(paths, spec)
-    if not rows and paths.leaderboard.is_file():
-        rows = json.loads(paths.leaderboard.read_text())["trials"]
-    return rows
+    if any(paths.tune.glob("experiment_state-*.json")):
+        try:
+            return Leaderboard(leaderboard_rows(paths, spec), _tune_source(paths), spec)
+        except Exception as exc:
+            problem = f"{_tune_source(paths)} could not be read ({type(exc).__name__}: {exc})"
+    else:
+        problem = f"Tune saved no experiment state in {paths.tune}"
+    boards = []
+    try:
+        boards.append(_mlflow_leaderboard(paths, spec))
+    except Exception as exc:
+        problem += f"; MLflow could not be read ({type(exc).__name__}: {exc})"
+    if paths.leaderboard.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            saved = json.loads(paths.leaderboard.read_text())["trials"]
+            written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(paths.leaderboard.stat().st_mtime))
+            boards.append(Leaderboard(saved, f"{paths.leaderboard}, saved {written}", spec))
+    if not boards:
+        return Leaderboard([], problem, spec)
+    best = max(boards, key=lambda board: len(board.rows))  # the first of equals: MLflow before the saved file
+    return Leaderboard(best.rows, f"{best.source} ({problem})", spec)
 
 
-def format_leaderboard(rows: Sequence[Mapping[str, Any]], spec: SweepSpec) -> str:
+def _mlflow_leaderboard(paths: SweepPaths, spec: SweepSpec) -> Leaderboard:
+    """The leaderboard from the sweep's trial runs in MLflow (status tag, cv/* metrics, fold/miou_seg history)."""
+    import yaml
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.tracking import _http_policy
+    from orchestration.trial import FOLD_SCORE, TAG_NODES, TAG_STATUS, TAG_TRIAL
+
+    state = json.loads(paths.state.read_text())
+    with _http_policy(10.0):
+        client = MlflowClient(state["tracking_uri"])
+        runs = client.search_runs(
+            [state["experiment_id"]],
+            filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}' and tags.`{TAG_KIND}` = 'trial'",
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+        )
+        rows = []
+        for run in runs:
+            tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+            history = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, FOLD_SCORE),
+                                                        key=lambda m: (m.step, m.timestamp))}
+            scores = [history[step] for step in sorted(history)]
+            folds = int(metrics.get(FOLDS_COMPLETED, len(scores)))
+            status = tags.get(TAG_STATUS) or ("failed" if run.info.status == "FAILED" else "interrupted")
+            trial_id = tags.get(TAG_TRIAL, run.info.run_name)
+            error_file = paths.tune / f"trial_{trial_id}" / "error.txt"
+            mean = _finite(metrics.get(CV_MEAN))
+            end = run.info.end_time
+            rows.append({
+                "trial": trial_id,
+                "params": {key: yaml.safe_load(params[key]) for key in spec.searched_keys() if key in params},
+                "cv_miou_mean": mean,
+                "cv_miou_std": _spread(scores, folds, metrics.get(CV_STD)) if mean is not None else None,
+                "baseline_miou": _finite(metrics.get(CV_BASELINE)),
+                "folds_completed": folds,
+                "status": status,
+                "wall_time_s": (end - run.info.start_time) / 1000 if end else None,
+                "fold_scores": scores,
+                "nodes": [node for node in tags.get(TAG_NODES, "").split(",") if node],
+                "mlflow_run_id": run.info.run_id,
+                "error": _error_text(error_file) if status == "failed" else None,
+                "error_file": str(error_file) if status == "failed" and error_file.is_file() else None,
+                "path": str(paths.trials / trial_id),
+                "timings": {k: metrics[k] for k in (*TIME_KEYS, FIRST_STEP_AT) if k in metrics},
+            })
+    return Leaderboard(_rank(rows, spec), f"the trial runs in MLflow ({state['tracking_uri']}, experiment "
+                       f"{state['experiment_id']}, sweep run {state['parent_run_id']})", spec)
+
+
+def load_leaderboard(name: str, *, run_dir: Path = Path("runs")) -> list[dict[str, Any]]:
+    """The rows of `read_leaderboard(name)`.
+
+    Raises:
+        SweepError: no such sweep.
+    """
+    return read_leaderboard(name, run_dir=run_dir).rows
+
+
+def format_leaderboard(rows: Sequence[Mapping[str, Any]], spec: SweepSpec, *, source: str | None = None) -> str:
     """The leaderboard as a text table: rank, trial, searched params, mean ± std fold mIoU, the all-background
-    mIoU of the same images, folds, status, wall; a footer states that floor and how many trials beat it."""
+    mIoU of the same images, folds, status, wall; a header with the ranking rule (and where the rows come from,
+    when `source` is given); a footer states that floor and how many trials beat it."""
     keys = spec.searched_keys()
     short = {key: key.split(".", 1)[-1] for key in keys}
     header = ["rank", "trial", *[short[k] for k in keys], "cv mIoU (mean ± std)", "bkg mIoU", "folds", "status",
@@ -509,7 +747,7 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]], spec: SweepSpec) -> st
     table = [header]
     for row in rows:
         mean, std = row.get("cv_miou_mean"), row.get("cv_miou_std")
-        score = "-" if mean is None else f"{mean:.4f} ± {std or 0.0:.4f}"
+        score = "-" if mean is None else f"{mean:.4f} ± " + ("-" if std is None else f"{std:.4f}")
         baseline = row.get("baseline_miou")
         cells = [str(row["rank"]), str(row["trial"])]
         for key in keys:
@@ -520,7 +758,10 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]], spec: SweepSpec) -> st
                   row["status"], "-" if wall is None else f"{wall:.0f}"]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = [f"leaderboard of sweep {spec.name} (objective {spec.objective.metric}, {spec.objective.mode})"]
+    lines = [f"leaderboard of sweep {spec.name} (objective {spec.objective.metric}, {spec.objective.mode})",
+             f"ranked {ranking_rule(spec)}; ± the sample std of the fold scores"]
+    if source:
+        lines.append(f"from {source}")
     for i, r in enumerate(table):
         lines.append("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(r)).rstrip())
         if i == 0:

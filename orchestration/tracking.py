@@ -14,12 +14,24 @@ is harmless: every record carries its own timestamp, and MLflow's SQL stores dro
 (key, value, timestamp, step); a param logged again with the same value is a no-op; tags, artifacts and the
 terminal status are overwritten with the same content.
 
+One value per step: a run holds each (key, step) once, and a metric's steps only go up. A retried or resumed
+trial repeats the steps after its checkpoint with other values (window averages); `log_metrics` drops every
+point at or below the highest step known for its key, so the first value stays. The spool knows the steps it
+holds (`position.json` keeps those of the delivered records); a logger that continues a run also asks MLflow
+once, before its first metrics, for the highest step of each key (another spool, or a replay after a crash).
+
+Artifacts: a file upload that fails with an answer (a local write error, an HTTP error status) is set aside
+with its copy (`deferred.json`) so that the records after it go on, tried again a few times with a backoff
+(`_ARTIFACT_ATTEMPTS` per logger), and then kept for a later `flush_pending` or `sync_spools` (`cpews sweep
+sync NAME`). It counts in `pending` meanwhile; `spool_backlog` counts what a sweep's spools still hold.
+
 Spool layout (one folder per run; one writer at a time):
 
     run.json          {"format", "run_id", "experiment_id", "tracking_uri", "run_token"}
     records.jsonl     {"seq": n, "op": "batch" | "artifact" | "artifacts" | "status" | "end", ...} per line
-    position.json     {"seq", "offset"} of the last delivered record
+    position.json     {"seq", "offset"} of the last delivered record; "metric_steps": the highest step per key
     artifacts/<seq>/  copies of logged files; removed once delivered
+    deferred.json     {seq: {"record", "error", "attempts"}}: file uploads that failed, kept until delivered
     params_full.json  the full values of params that were too long for MLflow (also logged as an artifact)
     rejected.jsonl    records MLflow refused (a 4xx answer: bad key, changed param, deleted run), with the error
 
@@ -36,9 +48,9 @@ under a lock, restored afterwards; MLflow reads both at each request) and retrie
 It also sets `MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT` there unless the user did (MLflow prints two lines and
 makes one more request per `set_terminated`).
 
-Limits: a record that the server answers with a 5xx every time (not seen in practice) stays at the head of the
-spool and holds back the records after it until `flush`/`end` time out; a 4xx answer moves it to
-`rejected.jsonl` and delivery goes on. Delivered-then-replayed records are deduplicated by the SQL stores
+Limits: a record other than a file upload that the server answers with a 5xx every time (not seen in practice)
+stays at the head of the spool and holds back the records after it until `flush`/`end` time out; a 4xx answer
+moves it to `rejected.jsonl` and delivery goes on. Delivered-then-replayed records are deduplicated by the SQL stores
 (SQLite, PostgreSQL, MySQL), which is what `make sweep` and the tracking server use.
 """
 
@@ -83,6 +95,7 @@ __all__ = [
     "SKIPPED_METRICS_TAG",
     "SPOOL_FORMAT",
     "TRUNCATION_MARKER",
+    "Backlog",
     "LocalStore",
     "RunLogger",
     "TrackingUnavailableError",
@@ -97,7 +110,9 @@ __all__ = [
     "redact",
     "resolve_store",
     "runs_left_running",
+    "spool_backlog",
     "spool_status",
+    "sync_spools",
 ]
 
 _log = logging.getLogger(__name__)
@@ -118,6 +133,9 @@ _POSITION = "position.json"
 _META = "run.json"
 _REJECTED = "rejected.jsonl"
 _ARTIFACTS = "artifacts"
+_DEFERRED = "deferred.json"
+_FILE_OPS = ("artifact", "artifacts")
+_ARTIFACT_ATTEMPTS = 3  # uploads of a file record per logger (a process) before it waits for a later flush
 
 _BATCH_CHARS = 500_000  # stay well below the server's request size limit in one log_batch
 _MAX_ENTITY_CHARS = 250  # MLflow's limit on a param, tag or metric key
@@ -373,9 +391,31 @@ class _Spool:
         self.delivered_offset: int = int(position["offset"])
         self.last_seq = self.delivered_seq
         self.pending: deque[_Pending] = deque()
+        # the highest step per metric key of the delivered records, and of every record in the spool
+        steps = position.get("metric_steps")
+        self.delivered_steps: dict[str, int] = self._steps_before_position() if steps is None else steps
+        self.metric_steps: dict[str, int] = dict(self.delivered_steps)
         self._load()
+        # artifact records set aside after a failed upload, by seq; the ones still in `pending` are not
+        self.deferred: dict[int, dict[str, Any]] = {
+            int(seq): entry
+            for seq, entry in (_read_json(self.root / _DEFERRED) or {}).items()
+            if int(seq) <= self.delivered_seq
+        }
         self._file = open(self.root / _RECORDS, "ab")  # kept open for the logger's lifetime
         self._remove_orphan_artifacts()
+
+    def _steps_before_position(self) -> dict[str, int]:
+        """The metric steps of the delivered records, from the records themselves (a spool whose
+        position.json predates `metric_steps`)."""
+        steps: dict[str, int] = {}
+        if self.delivered_offset <= 0:
+            return steps
+        with open(self.root / _RECORDS, "rb") as f:
+            data = f.read(self.delivered_offset)
+        for line in data.splitlines():
+            _note_steps(steps, json.loads(line).get("metrics", ()))
+        return steps
 
     def _load(self) -> None:
         path = self.root / _RECORDS
@@ -395,9 +435,13 @@ class _Spool:
             if seq > self.delivered_seq:
                 self.pending.append(_Pending(seq, record, offset))
                 self.last_seq = max(self.last_seq, seq)
+                _note_steps(self.metric_steps, record.get("metrics", ()))
 
     def _remove_orphan_artifacts(self) -> None:
-        wanted = {record["dir"] for _, record, _ in self.pending if "dir" in record}
+        records = [record for _, record, _ in self.pending] + [
+            entry["record"] for entry in self.deferred.values()
+        ]
+        wanted = {record["dir"] for record in records if "dir" in record}
         for entry in (self.root / _ARTIFACTS).iterdir():
             if f"{_ARTIFACTS}/{entry.name}" in wanted:
                 continue
@@ -429,16 +473,55 @@ class _Spool:
         os.fsync(self._file.fileno())
         self.last_seq = seq
         self.pending.append(_Pending(seq, record, self._file.tell()))
+        _note_steps(self.metric_steps, record.get("metrics", ()))
 
-    def ack(self, count: int) -> None:
+    def ack(self, count: int, *, keep_files: bool = False) -> None:
+        """Mark the first `count` pending records delivered; their spooled files go unless `keep_files`."""
         done = [self.pending.popleft() for _ in range(count)]
         self.delivered_seq, self.delivered_offset = done[-1].seq, done[-1].end_offset
-        _write_json_atomic(
-            self.root / _POSITION, {"seq": self.delivered_seq, "offset": self.delivered_offset}
-        )
         for item in done:
-            if "dir" in item.record:
+            _note_steps(self.delivered_steps, item.record.get("metrics", ()))
+        self._write_position()
+        for item in done:
+            if "dir" in item.record and not keep_files:
                 shutil.rmtree(self.root / item.record["dir"], ignore_errors=True)
+
+    def _write_position(self) -> None:
+        _write_json_atomic(
+            self.root / _POSITION,
+            {
+                "seq": self.delivered_seq,
+                "offset": self.delivered_offset,
+                "metric_steps": self.delivered_steps,
+            },
+        )
+
+    def note_delivered_steps(self, steps: Mapping[str, int]) -> None:
+        """Steps that MLflow holds already (a continued run's history): later points at or below are dropped."""
+        for key, step in steps.items():
+            for known in (self.delivered_steps, self.metric_steps):
+                known[key] = max(known.get(key, step), step)
+        self._write_position()
+
+    def defer(self, item: _Pending, error: str) -> None:
+        """Set the head record (a file upload that failed) aside with its files, and go on with the next."""
+        self.deferred[item.seq] = {"record": item.record, "error": error, "attempts": 1}
+        self._write_deferred()
+        self.ack(1, keep_files=True)
+
+    def note_failure(self, seq: int, error: str) -> None:
+        entry = self.deferred[seq]
+        entry["error"], entry["attempts"] = error, int(entry.get("attempts", 0)) + 1
+        self._write_deferred()
+
+    def resolve(self, seq: int) -> None:
+        """A deferred record was delivered: forget it and remove its files."""
+        entry = self.deferred.pop(seq)
+        self._write_deferred()
+        shutil.rmtree(self.root / entry["record"]["dir"], ignore_errors=True)
+
+    def _write_deferred(self) -> None:
+        _write_json_atomic(self.root / _DEFERRED, {str(seq): entry for seq, entry in self.deferred.items()})
 
     def reject(self, item: _Pending | None, error: str, detail: Any = None) -> None:
         entry = {"seq": item.seq if item else None, "error": error, "detail": detail}
@@ -463,11 +546,52 @@ def find_spool_dirs(root: Path) -> list[Path]:
     return found
 
 
+class Backlog(NamedTuple):
+    """What the spools under a folder hold that MLflow does not have yet."""
+
+    records: int  # records not delivered, artifact uploads included
+    artifacts: int  # of which file uploads (artifact records)
+    last_error: str | None = None  # why an upload failed last (one of them), when one did
+
+    def describe(self) -> str:
+        """`3 artifacts`, `5 records (3 of them artifacts)` or `5 records`."""
+        if self.records == self.artifacts:
+            return f"{self.artifacts} artifact{'s' * (self.artifacts != 1)}"
+        text = f"{self.records} record{'s' * (self.records != 1)}"
+        return f"{text} ({self.artifacts} of them artifacts)" if self.artifacts else text
+
+
+def spool_backlog(root: Path) -> Backlog:
+    """Count the undelivered records of every spool under `root` (read from disk; nothing is sent)."""
+    records = artifacts = 0
+    last_error = None
+    for spool in find_spool_dirs(root):
+        position = _read_json(spool / _POSITION) or {"offset": 0}
+        position = {"seq": 0, "offset": 0, **position}
+        deferred = (_read_json(spool / _DEFERRED) or {}).items()
+        deferred = [entry for seq, entry in deferred if int(seq) <= int(position["seq"])]
+        last_error = next((entry["error"] for entry in deferred if entry.get("error")), last_error)
+        pending = [entry["record"] for entry in deferred]
+        with contextlib.suppress(FileNotFoundError), open(spool / _RECORDS, "rb") as f:
+            f.seek(int(position["offset"]))
+            data = f.read()
+            pending += [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+        records += len(pending)
+        artifacts += sum(record.get("op") in _FILE_OPS for record in pending)
+    return Backlog(records, artifacts, last_error)
+
+
 # ------------------------------------------------------------------------------------------- value helpers
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _note_steps(steps: dict[str, int], rows: Any) -> None:
+    """Raise `steps[key]` to the step of each metric row `[key, value, timestamp, step]`."""
+    for key, _, _, step in rows:
+        steps[key] = max(steps.get(key, step), step)
 
 
 def _param_text(key: str, value: Any) -> str:
@@ -566,6 +690,7 @@ class RunLogger:
         request_timeout_s: float,
         call_budget_s: float,
         max_backoff_s: float,
+        continuing: bool = True,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
@@ -583,6 +708,10 @@ class RunLogger:
         self._ended = False
         self._full_params: dict[str, str] = _read_json(spool.root / FULL_PARAMS_ARTIFACT) or {}
         self._skipped_metrics: set[str] = set()
+        self._relogged_metrics: set[str] = set()
+        self._check_history = continuing  # before its first metrics: which steps does MLflow hold already?
+        self._artifact_tries: dict[int, int] = {}  # deferred seq -> uploads tried by this logger
+        self._artifact_retry_at: dict[int, float] = {}
         self.last_error: str | None = None
 
     # -- construction
@@ -682,6 +811,7 @@ class RunLogger:
             request_timeout_s=request_timeout_s,
             call_budget_s=call_budget_s,
             max_backoff_s=max_backoff_s,
+            continuing=bool(continuing),
         )
         with logger._lock:
             if continuing:
@@ -712,8 +842,14 @@ class RunLogger:
 
     @property
     def pending(self) -> int:
-        """Records in the spool not yet delivered to MLflow."""
-        return len(self._spool.pending)
+        """Records in the spool not yet delivered to MLflow (artifact uploads that failed included)."""
+        return len(self._spool.pending) + len(self._spool.deferred)
+
+    @property
+    def pending_artifacts(self) -> int:
+        """Artifact uploads not delivered yet: waiting in order, or set aside after a failure."""
+        waiting = sum(item.record["op"] in _FILE_OPS for item in self._spool.pending)
+        return waiting + len(self._spool.deferred)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log scalar params (redacted). Values longer than MLflow's limit are truncated with
@@ -742,7 +878,13 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log metrics at `step`. NaN and infinite values are skipped with a warning (MLflow stores inf as
-        the largest float) and their keys listed in the `cpews.skipped_nonfinite_metrics` tag."""
+        the largest float) and their keys listed in the `cpews.skipped_nonfinite_metrics` tag.
+
+        A run holds one value per (key, step), and steps only go up: a point at or below the highest step
+        logged for its key (by this spool, or found in MLflow for a continued run) is dropped, so the first
+        value stays. That is what a retried or resumed trial does when it repeats the steps after its
+        checkpoint.
+        """
         timestamp = _now_ms()
         rows: list[list[Any]] = []
         skipped: list[str] = []
@@ -755,6 +897,7 @@ class RunLogger:
                 skipped.append(key)
         with self._lock:
             self._check_open()
+            rows = self._new_steps(rows)
             record: dict[str, Any] = {"op": "batch"}
             if rows:
                 record["metrics"] = rows
@@ -772,6 +915,22 @@ class RunLogger:
             if len(record) > 1:
                 self._spool.append(record)
             self._deliver_in_call()
+
+    def _new_steps(self, rows: list[list[Any]]) -> list[list[Any]]:
+        """The metric rows above the highest step known for their key; the others are reported once."""
+        known = self._spool.metric_steps
+        fresh = [row for row in rows if row[3] > known.get(row[0], row[3] - 1)]
+        repeated = {row[0] for row in rows if row not in fresh} - self._relogged_metrics
+        if repeated:
+            _log.info(
+                "MLflow run %s: step %d of %s was logged before (a resumed or retried run repeats steps); "
+                "the first values are kept",
+                self.run_id,
+                rows[0][3],
+                ", ".join(sorted(repeated)),
+            )
+            self._relogged_metrics |= repeated
+        return fresh
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (redacted; values as strings, truncated to MLflow's limit)."""
@@ -845,7 +1004,7 @@ class RunLogger:
                 "MLflow run %s: %d record(s) not delivered (%s); they stay in %s for flush_pending()",
                 self.run_id,
                 left,
-                self.last_error or "timed out",
+                self.last_error or next(iter(self._spool.deferred.values()), {}).get("error") or "timed out",
                 self.spool_dir,
             )
         return left
@@ -877,11 +1036,18 @@ class RunLogger:
         return min(self._max_backoff_s, 0.5 * 2 ** max(0, self._failures - 1))
 
     def _deliver_in_call(self) -> None:
-        if self._spool.pending and time.monotonic() >= self._retry_at:
+        if (self._spool.pending or self._artifact_due()) and time.monotonic() >= self._retry_at:
             self._deliver(time.monotonic() + self._call_budget_s)
 
     def _deliver(self, deadline: float) -> bool:
-        """Send pending records in order until done (True), the deadline, or a transient failure (False)."""
+        """Send pending records in order, then retry the deferred uploads that are due; True when nothing is
+        left to try now, False at the deadline, a transient failure, or while a deferred upload waits.
+
+        A file upload that fails with an answer (a local write error, an HTTP error status) is set aside
+        with its files (`deferred.json`), so that the records after it go on; it is tried again
+        `_ARTIFACT_ATTEMPTS` times in all by this logger, with a backoff, and after that waits for a later
+        `flush`/`flush_pending`/`sync_spools`. An unreachable server stops delivery as for any record.
+        """
         while self._spool.pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -891,11 +1057,11 @@ class RunLogger:
                 with _http_policy(min(self._request_timeout_s, max(remaining, 1.0))):
                     self._send(group)
             except Exception as exc:
+                if group[0].record["op"] in _FILE_OPS and not _is_unreachable(exc):
+                    self._defer_artifact(group[0], exc)
+                    continue
                 if is_transient(exc):
-                    self._failures += 1
-                    self._retry_at = time.monotonic() + self._backoff_s()
-                    self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    _log.debug("MLflow unreachable (%s); %d record(s) pending", self.last_error, self.pending)
+                    self._note_unreachable(exc)
                     return False
                 if len(group) > 1:  # find the record MLflow refuses by sending them one at a time
                     self._isolate_through = group[-1].seq
@@ -911,10 +1077,93 @@ class RunLogger:
                 self._spool.ack(1)
                 continue
             self._spool.ack(len(group))
+            self._drop_superseded(group[0])
             self._failures = 0
             self._retry_at = 0.0
             self.last_error = None
-        return True
+        return self._retry_artifacts(deadline)
+
+    def _drop_superseded(self, delivered: _Pending) -> None:
+        """Forget the deferred uploads of the same file name that `delivered` (a later one) has replaced."""
+        if delivered.record["op"] != "artifact":
+            return
+        name = _artifact_name(delivered.record)
+        for seq, entry in list(self._spool.deferred.items()):
+            if (
+                seq < delivered.seq
+                and entry["record"]["op"] == "artifact"
+                and _artifact_name(entry["record"]) == name
+            ):
+                self._spool.resolve(seq)
+
+    def _note_unreachable(self, exc: BaseException) -> None:
+        self._failures += 1
+        self._retry_at = time.monotonic() + self._backoff_s()
+        self.last_error = _error_text(exc)
+        _log.debug("MLflow unreachable (%s); %d record(s) pending", self.last_error, self.pending)
+
+    def _defer_artifact(self, item: _Pending, exc: BaseException) -> None:
+        self.last_error = _error_text(exc)
+        _log.warning(
+            "MLflow run %s: could not store artifact %s (%s); its copy stays in %s and is tried again",
+            self.run_id,
+            _artifact_name(item.record),
+            self.last_error,
+            self.spool_dir,
+        )
+        self._spool.defer(item, self.last_error)
+        self._artifact_tries[item.seq] = 1
+        self._artifact_retry_at[item.seq] = time.monotonic() + _artifact_backoff_s(1)
+
+    def _artifact_due(self) -> bool:
+        now = time.monotonic()
+        return any(
+            self._artifact_tries.get(seq, 0) < _ARTIFACT_ATTEMPTS
+            and now >= self._artifact_retry_at.get(seq, 0.0)
+            for seq in self._spool.deferred
+        )
+
+    def _retry_artifacts(self, deadline: float) -> bool:
+        """Upload the deferred records that are due; False while one waits for its backoff or at a failure."""
+        waiting = False
+        for seq, entry in list(self._spool.deferred.items()):
+            tries = self._artifact_tries.get(seq, 0)
+            if tries >= _ARTIFACT_ATTEMPTS or seq not in self._spool.deferred:
+                continue
+            now = time.monotonic()
+            if now < self._artifact_retry_at.get(seq, 0.0):
+                waiting = True
+                continue
+            if now >= deadline:
+                return False
+            try:
+                with _http_policy(min(self._request_timeout_s, max(deadline - now, 1.0))):
+                    self._send([_Pending(seq, entry["record"], 0)])
+            except Exception as exc:
+                if _is_unreachable(exc):
+                    self._note_unreachable(exc)
+                    return False
+                tries += 1
+                self._artifact_tries[seq] = tries
+                self.last_error = _error_text(exc)
+                self._spool.note_failure(seq, self.last_error)
+                if tries < _ARTIFACT_ATTEMPTS:
+                    self._artifact_retry_at[seq] = time.monotonic() + _artifact_backoff_s(tries)
+                    waiting = True
+                else:  # end() and the sweep's last lines count what is left
+                    _log.info(
+                        "MLflow run %s: artifact %s still not stored after %d attempts (%s); it stays in %s for "
+                        "flush_pending / `cpews sweep sync`",
+                        self.run_id,
+                        _artifact_name(entry["record"]),
+                        tries,
+                        self.last_error,
+                        self.spool_dir,
+                    )
+                continue
+            self._spool.resolve(seq)
+            self._drop_superseded(_Pending(seq, entry["record"], 0))
+        return not waiting
 
     def _next_group(self) -> list[_Pending]:
         """The head record, merged with the following `batch` records while they fit in one batch."""
@@ -957,7 +1206,10 @@ class RunLogger:
                 metrics.extend(Metric(k, v, ts, step) for k, v, ts, step in item.record.get("metrics", []))
                 params.update(item.record.get("params", {}))
                 tags.update(item.record.get("tags", {}))
-            self._send_batch(metrics, params, tags)
+            if metrics and self._check_history:
+                metrics = self._unlogged(metrics)
+            if metrics or params or tags:
+                self._send_batch(metrics, params, tags)
         elif op == "artifact":
             self._client.log_artifact(
                 self.run_id, str(self.spool_dir / record["file"]), record["artifact_path"]
@@ -972,6 +1224,16 @@ class RunLogger:
             self._client.set_terminated(self.run_id, record["status"], end_time=record["end_time"])
         else:
             raise ValueError(f"unknown spool record {op!r}")
+
+    def _unlogged(self, metrics: list[Metric]) -> list[Metric]:
+        """The points above the highest step MLflow holds for their key, asked once per logger of a continued
+        run (an earlier attempt may have logged from another spool, or delivered without saving its
+        position)."""
+        latest = self._client.get_run(self.run_id).data._metric_objs  # the highest step of each key
+        held = {metric.key: metric.step for metric in latest}
+        self._spool.note_delivered_steps(held)
+        self._check_history = False
+        return [metric for metric in metrics if metric.step > held.get(metric.key, metric.step - 1)]
 
     def _send_batch(self, metrics: list[Metric], params: dict[str, str], tags: dict[str, str]) -> None:
         try:
@@ -1000,6 +1262,41 @@ class RunLogger:
         tag_list = [RunTag(k, v) for k, v in tags.items()]
         for chunk_metrics, chunk_params, chunk_tags in _batch_chunks(metrics, param_list, tag_list):
             self._client.log_batch(self.run_id, metrics=chunk_metrics, params=chunk_params, tags=chunk_tags)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Whether a failed call got no answer at all (no connection, a timeout), as opposed to an error answer."""
+    return any(
+        isinstance(
+            error,
+            requests.exceptions.ConnectionError
+            | requests.exceptions.Timeout
+            | requests.exceptions.ChunkedEncodingError
+            | urllib3.exceptions.NewConnectionError
+            | urllib3.exceptions.TimeoutError
+            | urllib3.exceptions.ProtocolError
+            | ConnectionError
+            | TimeoutError
+            | socket.timeout,
+        )
+        for error in _exception_chain(exc)
+    )
+
+
+def _error_text(exc: BaseException) -> str:
+    """`Type: message`, a long message cut in the middle (its end usually holds the cause)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text if len(text) <= 300 else text[:150] + ' ... ' + text[-150:]}"
+
+
+def _artifact_name(record: Mapping[str, Any]) -> str:
+    """The artifact path a file record uploads to (`checkpoint/last.pt`, `pool/`)."""
+    name = posixpath.basename(record["file"]) if record["op"] == "artifact" else ""
+    return posixpath.join(record.get("artifact_path") or "", name).rstrip("/") or "."
+
+
+def _artifact_backoff_s(tries: int) -> float:
+    return 0.5 * 2 ** (tries - 1)
 
 
 def _create_run(
@@ -1055,6 +1352,21 @@ def flush_pending(spool_dir: Path, tracking_uri: str | None = None, *, timeout_s
     """
     with _attached(spool_dir, tracking_uri, timeout_s) as logger:
         return logger.flush(timeout_s) if logger is not None else 0
+
+
+def sync_spools(root: Path, tracking_uri: str | None = None, *, timeout_s: float = 120.0) -> Backlog:
+    """Deliver what every spool under `root` still holds (failed artifact uploads included); return what is
+    left (`Backlog(0, 0)`: MLflow has everything).
+
+    Each spool goes to the tracking URI it was written with, unless `tracking_uri` is given; `timeout_s`
+    bounds the whole call (each spool gets at least a second). This is `cpews sweep sync NAME`: run it when
+    no process writes to these spools (the sweep is not running).
+    """
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    for spool in find_spool_dirs(root):
+        if spool_backlog(spool).records:
+            flush_pending(spool, tracking_uri, timeout_s=max(1.0, deadline - time.monotonic()))
+    return spool_backlog(root)
 
 
 @contextlib.contextmanager

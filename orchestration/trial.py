@@ -121,12 +121,15 @@ def trial_name(trial: Any) -> str:
 
 
 def cv_metrics(scores: list[float], baselines: list[float]) -> dict[str, float]:
-    """Mean and population std of the fold scores so far, and the mean all-background mIoU of those folds
-    (`baselines`, one per fold; NaN when none was recorded); NaN means before the first fold ends."""
+    """Mean and sample std (`orchestration.kfold.fold_std`, NaN before two folds) of the fold scores so far, and
+    the mean all-background mIoU of those folds (`baselines`, one per fold; NaN when none was recorded); NaN
+    means before the first fold ends."""
     baseline = statistics.fmean(baselines) if baselines else math.nan
     if not scores:
         return {CV_MEAN: math.nan, CV_STD: math.nan, CV_BASELINE: baseline, FOLDS_COMPLETED: 0.0}
-    std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+    from orchestration.kfold import fold_std
+
+    std = fold_std(scores)
     return {CV_MEAN: statistics.fmean(scores), CV_STD: std, CV_BASELINE: baseline,
             FOLDS_COMPLETED: float(len(scores))}
 
@@ -144,20 +147,35 @@ def trial_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_trial_state(checkpoint: Any, restore_to: Path) -> tuple[TrialState, Path | None]:
+def load_trial_state(
+    checkpoint: Any, restore_to: Path, fold_dir: Callable[[int], Path] | None = None
+) -> tuple[TrialState, Path | None]:
     """The state in a Tune checkpoint (a fresh one for None) and, when a fold was in progress, its trainer
-    checkpoint copied to `restore_to` (returned as the path to resume from)."""
+    checkpoint copied to `restore_to` (returned as the path to resume from).
+
+    The trainer checkpoint is read before it is copied. When it is damaged (truncated, garbage, ...) the newest
+    valid checkpoint the fold's own run wrote (`fold_dir(fold)`: `last.pt`, `iter_XXXXXXX.pt`) is used instead,
+    with a warning naming the damaged file, and `state.fold_iteration` becomes that checkpoint's step count. When
+    none is valid, the `CheckpointError` names the damaged file in the Tune checkpoint, not the copy.
+    """
     if checkpoint is None:
         return TrialState(), None
+    from cpews.training.checkpoint import newest_valid_checkpoint, run_checkpoints
+
     with checkpoint.as_directory() as directory:
         folder = Path(directory)
         state = TrialState.from_json((folder / TRIAL_STATE_FILE).read_text())
-        resume = None
-        if state.fold_in_progress is not None and (folder / FOLD_CHECKPOINT_FILE).is_file():
-            restore_to.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / FOLD_CHECKPOINT_FILE, restore_to)
-            resume = restore_to
-    return state, resume
+        fold = state.fold_in_progress
+        saved = folder / FOLD_CHECKPOINT_FILE
+        if fold is None or not saved.is_file():
+            return state, None
+        older = run_checkpoints(fold_dir(fold)) if fold_dir is not None else []
+        chosen = newest_valid_checkpoint([saved, *older])
+        if chosen.path != saved:
+            state.fold_iteration = chosen.checkpoint.iteration
+        restore_to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chosen.path, restore_to)
+    return state, restore_to
 
 
 def _report(result: dict[str, float], state: TrialState, trainer_checkpoint: Path | None = None) -> None:
@@ -314,7 +332,8 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
     trial_id, trial_name = tune_context.get_trial_id(), tune_context.get_trial_name()
     trial_dir = Path(context.trials_dir) / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
-    state, resume = load_trial_state(tune.get_checkpoint(), trial_dir / "restore" / "fold_checkpoint.pt")
+    state, resume = load_trial_state(tune.get_checkpoint(), trial_dir / "restore" / "fold_checkpoint.pt",
+                                     fold_dir=lambda fold: trial_dir / f"fold_{fold}")
     trial_run = _start_runs(context, state, trial_dir, trial_name, trial_id, cfg, spec.searched_keys())
     node = _node_id()
     if node not in state.nodes:  # where each attempt ran (a retry may land on another node)
@@ -390,7 +409,8 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
         summary = cv_metrics(state.fold_scores, state.fold_baselines)
         trial_run.log_metrics({FOLD_SCORE: score}, step=fold)
         trial_run.log_metrics(
-            {**summary, **state.timings, "pool/cache_hits": state.pool_cache["hit"],
+            {**{k: v for k, v in summary.items() if math.isfinite(v)}, **state.timings,  # no std from one fold
+             "pool/cache_hits": state.pool_cache["hit"],
              "pool/cache_misses": state.pool_cache["miss"]},
             step=len(state.fold_scores),
         )

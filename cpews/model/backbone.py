@@ -9,6 +9,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from cpews.torch_files import TorchFileError, load_torch_file
+
 
 class BackboneOutput(NamedTuple):
     tokens: Tensor  # (B, D, h, w) final block patch tokens after the final LayerNorm (F)
@@ -120,10 +122,9 @@ def load_backbone_weights(vit: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{where}: not a loadable state dict ({type(exc).__name__}: {reason[:200]})") from None
+        state = load_torch_file(path)
+    except TorchFileError as exc:
+        raise ValueError(f"{where}: not a loadable state dict: {exc.reason}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

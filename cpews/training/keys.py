@@ -41,7 +41,9 @@ def loss_key(term: str) -> str:
 
 # K-fold cross-validation (written by the sweep's trial, orchestration/trial.py)
 CV_MIOU_SEG_MEAN = "cv/miou_seg_mean"  # mean over the folds trained so far of val/miou_seg (the objective)
-CV_MIOU_SEG_STD = "cv/miou_seg_std"  # their population standard deviation
+CV_MIOU_SEG_STD = "cv/miou_seg_std"  # their sample standard deviation (ddof 1; NaN before 2 folds)
 CV_BASELINE_MIOU_MEAN = "cv/baseline_miou_mean"  # mean over the same folds of val/baseline_miou
 CV_FOLDS_COMPLETED = "cv/folds_completed"
 FOLD_MIOU_SEG = "fold/miou_seg"  # val/miou_seg of the fold just finished
+# The keys of the trial's every report to Tune (orchestration.trial.cv_metrics): a sweep's objective is one of them
+TRIAL_REPORT_KEYS = (CV_MIOU_SEG_MEAN, CV_MIOU_SEG_STD, CV_BASELINE_MIOU_MEAN, CV_FOLDS_COMPLETED)

@@ -17,9 +17,11 @@ iteration index `b` on, so the terms are active for `it >= pool_build_iterations
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,14 +37,15 @@ from cpews.model import CpewsNet
 from cpews.prototype_losses import pdl_loss, ssl_loss
 from cpews.prototypes import (
     Pool,
+    PoolError,
     build_pool,
     dataset_content_key,
-    load_pool,
+    load_cached_pool,
     plot_pool,
     pool_params,
     save_pool,
 )
-from cpews.training.checkpoint import config_differences, load_checkpoint
+from cpews.training.checkpoint import config_differences, load_checkpoint, warn
 from cpews.training.data import eval_dataset
 from cpews.training.device import autocast_factory
 from cpews.training.step import LossTerm, StepContext
@@ -140,6 +143,10 @@ def build_model_pool(
 ) -> Pool:
     """Build the pool from `model` on the training split (the `train_ids` subset when given), install it in
     the model's buffers, and write `out_dir/pool/pool_it{iteration:07d}.*` and `pool.*` (unless out_dir is None).
+
+    With `proto.cache_dir`, a pool cached under the content key of the images, the model and the settings is
+    used instead of a build, once its stored key and its shapes are checked (`cached_pool`); a built pool is
+    stored there.
     """
     p = cfg.proto
     names = _foreground(class_names, cfg)
@@ -159,18 +166,21 @@ def build_model_pool(
         kmeans_max_iter=p.kmeans_max_iter,
         kmeans_seed=p.kmeans_seed,
     )
-    key = f"{dataset_content_key(model, dataset, params)}.pt" if p.cache_dir else None
-    remote = f"{p.cache_dir.rstrip('/')}/{key}" if key and is_s3(p.cache_dir) else None
-    cached = (local_cache_dir() / "pools" / key if remote else Path(p.cache_dir) / key) if key else None
-    if cached is not None and (cached.is_file() or (remote is not None and download_if_exists(remote, cached))):
-        pool = load_pool(cached)
+    key = dataset_content_key(model, dataset, params) if p.cache_dir else None
+    remote = f"{p.cache_dir.rstrip('/')}/{key}.pt" if key and is_s3(p.cache_dir) else None
+    cached = None
+    if key:
+        cached = local_cache_dir() / "pools" / f"{key}.pt" if remote else Path(p.cache_dir) / f"{key}.pt"
+    shapes = {name: tuple(buffer.shape) for name, buffer in model.pool().items()}  # what set_pool accepts
+    pool = cached_pool(cached, remote, key, shapes) if cached is not None and key else None
+    if pool is not None:
         pool = Pool(pool.tensors, {**pool.meta, "iteration": iteration, "cache": "hit", **(meta or {})})
         if progress:
             progress(f"pool cache: hit {remote or cached}")
     else:
         pool = _build(cfg, model, dataset, supers, names, device, iteration, meta, progress)
         if cached is not None:
-            pool = Pool(pool.tensors, {**pool.meta, "cache": "miss"})
+            pool = Pool(pool.tensors, {**pool.meta, "content_key": key, "cache": "miss"})
             save_pool(cached, pool)
             if remote is not None:
                 upload(cached, remote)
@@ -182,6 +192,71 @@ def build_model_pool(
         if progress:
             progress(f"pool build: wrote {path} (+ .json, .png) and {path.parent / 'pool.pt'}")
     return pool
+
+
+def cached_pool(
+    cached: Path, remote: str | None, content_key: str, shapes: dict[str, tuple[int, ...]]
+) -> Pool | None:
+    """The pool of `content_key` from the cache (`cached`, fetched from `remote` first when that is an s3:// URI),
+    or None when the cache holds none.
+
+    An entry that does not load, holds another content key or tensors of other `shapes` is reported (one warning
+    line naming the file and what is wrong), moved aside to `<name>.bad-<time>` and treated as absent, so the
+    caller builds the pool again and stores it in its place (replacing the remote copy too). A bad local copy of
+    a remote entry is fetched once more before that (the local copy may be the damaged one).
+    """
+    fetched = False
+    if not cached.is_file():
+        if remote is None or not download_if_exists(remote, cached):
+            return None
+        fetched = True
+    while True:
+        stamp = _file_stamp(cached)
+        try:
+            return load_cached_pool(cached, content_key=content_key, shapes=shapes)
+        except PoolError as exc:
+            aside = move_aside(cached, stamp)
+            source = f" (a copy of {remote})" if remote else ""
+            again = "fetching it again" if remote is not None and not fetched else "building the pool again"
+            warn(f"pool cache: {exc}{source}; {aside}, {again}")
+        if remote is None or fetched or not download_if_exists(remote, cached):
+            return None
+        fetched = True
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of `path`; None when it is gone."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def move_aside(path: Path, stamp: tuple[int, int, int] | None = None) -> str:
+    """Rename a bad cache entry (and its `.json` meta) to `<name>.bad-<YYYYmmdd-HHMMSS>`; says what was done.
+
+    With `stamp` (`_file_stamp` when it was read), a file replaced since (another trial rebuilt it) stays put.
+    """
+    if stamp is not None and _file_stamp(path) != stamp:
+        return "it was replaced meanwhile (left in place)"
+    suffix = f".bad-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = path.with_name(path.name + suffix)
+    count = 1
+    while target.exists():
+        count += 1
+        target = path.with_name(f"{path.name}{suffix}-{count}")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return "another process moved it aside"
+    except OSError as exc:
+        return f"could not move it aside ({exc.strerror or exc})"
+    meta = path.with_suffix(".json")
+    if meta.is_file():
+        with contextlib.suppress(OSError):
+            os.replace(meta, meta.with_name(meta.name + target.name[len(path.name):]))
+    return f"moved aside to {target.name!r}"
 
 
 def _build(
@@ -438,6 +513,8 @@ __all__ = [
     "STAT_SSL_TOKENS",
     "PrototypeModule",
     "build_model_pool",
+    "cached_pool",
+    "move_aside",
     "pdl_weight",
     "pool_active",
     "pool_build_iterations",

@@ -22,7 +22,13 @@ from cpews.evaluation.evaluate import EvalResult, evaluate
 from cpews.metrics import multilabel_f1
 from cpews.model import CpewsNet, build_model
 from cpews.training import keys
-from cpews.training.checkpoint import config_differences, load_checkpoint, save_checkpoint, set_rng_state
+from cpews.training.checkpoint import (
+    config_differences,
+    newest_valid_checkpoint,
+    resume_candidates,
+    save_checkpoint,
+    set_rng_state,
+)
 from cpews.training.data import class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.device import autocast_factory, select_device
 from cpews.training.optim import PolyWarmupAdamW, build_optimizer
@@ -106,10 +112,14 @@ def default_hooks(cfg: TrainConfig, names: Sequence[str]) -> TrainHooks:
 def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, optimizer: PolyWarmupAdamW) -> int:
     """Load model, optimizer, schedule position and RNG state; returns the iteration to continue from.
 
+    A damaged `path` (truncated, garbage, ...) falls back to the newest valid older checkpoint of the same run
+    (`last.pt` to the `iter_XXXXXXX.pt` beside it; see `resume_candidates`), with a warning naming the damaged file.
+
     Raises:
+        CheckpointError: `path` is missing, or damaged with no valid older checkpoint (the message names `path`).
         ValueError: the checkpoint's model settings differ from `cfg` (a resume must keep the architecture).
     """
-    checkpoint = load_checkpoint(path)
+    path, checkpoint, _ = newest_valid_checkpoint(resume_candidates(path))
     differences = config_differences(checkpoint.cfg, cfg, ("proto.num_prototypes",))
     if differences:
         raise ValueError(f"cannot resume from {str(path)!r}: the model differs from the checkpoint's ({', '.join(differences)})")

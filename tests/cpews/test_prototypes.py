@@ -23,6 +23,7 @@ from cpews.prototypes import (
     build_pool,
     compact_rows,
     kmeans,
+    load_cached_pool,
     load_pool,
     plot_pool,
     pool_content_key,
@@ -443,6 +444,35 @@ def test_load_refuses_missing_and_foreign_files(tmp_path):
     text.write_text("hello")
     with pytest.raises(PoolError, match="notes.pt"):
         load_pool(text)
+
+
+def test_a_damaged_pool_file_is_one_line_naming_it(tmp_path):
+    path = save_pool(tmp_path / "pool.pt", _toy_pool())
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(PoolError) as info:
+        load_pool(path)
+    assert str(info.value) == f"prototype pool {str(path)!r}: truncated (200 bytes; the end of its zip archive is missing)"
+
+
+def test_a_cached_pool_is_checked_for_its_content_key_and_shapes(tmp_path):
+    pool = _toy_pool(meta={"content_key": "ab" * 32})
+    path = save_pool(tmp_path / "pool.pt", pool)
+    shapes = {key: tuple(pool.tensors[key].shape) for key in POOL_KEYS}
+    assert shapes["pos"] == (3, 2, 3)  # C=3 classes, K=2 prototypes, D=3 channels
+    loaded = load_cached_pool(path, content_key="ab" * 32, shapes=shapes)
+    assert all(torch.equal(loaded.tensors[key], pool.tensors[key]) for key in POOL_KEYS)
+    with pytest.raises(PoolError) as info:
+        load_cached_pool(path, content_key="cd" * 32, shapes=shapes)
+    assert str(info.value) == (
+        f"prototype pool {str(path)!r} holds content key abababababababab..., not the expected "
+        "cdcdcdcdcdcdcdcd... (a pool of other images, weights or settings)"
+    )
+    with pytest.raises(PoolError, match=r"pool.pt': tensor 'pos' has shape \(3, 2, 3\), the model's pool needs \(3, 4, 3\)$"):
+        load_cached_pool(path, content_key="ab" * 32, shapes={**shapes, "pos": (3, 4, 3)})
+    meta = {k: v for k, v in pool.meta.items() if k != "content_key"}  # a file written without a key
+    unkeyed = save_pool(tmp_path / "unkeyed.pt", Pool(pool.tensors, meta))
+    with pytest.raises(PoolError, match="holds no content key"):
+        load_cached_pool(unkeyed, content_key="ab" * 32, shapes=shapes)
 
 
 def test_content_key_changes_with_what_determines_the_pool():

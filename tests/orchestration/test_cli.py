@@ -21,10 +21,11 @@ MICRO = ("--set", "data.synthetic_train=32", "--set", "data.synthetic_val=8", "-
 MIOU_KEYS = ("miou_cam", "miou_aux_cam", "miou_pseudo", "miou_seg")
 
 
-def cpews(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def cpews(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cpews", *map(str, args)],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -164,7 +165,7 @@ def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path):
     bogus = tmp_path / "not_a_checkpoint.pt"
     bogus.write_bytes(b"\x00\x01 definitely not a torch file" * 4)
     assert_clean_error(
-        cpews("eval", "--checkpoint", bogus, "--json", cwd=tmp_path), str(bogus), "not a cpews checkpoint"
+        cpews("eval", "--checkpoint", bogus, "--json", cwd=tmp_path), str(bogus), "not a PyTorch file"
     )
 
 
@@ -298,3 +299,85 @@ def test_train_names_a_weights_file_of_another_architecture(synthetic_data_dir: 
     proc = cpews("train", "--config", "test_micro", *MICRO, "--set", f"model.weights={tmp_path / 'other.pt'}",
                  "--out", tmp_path / "run", cwd=tmp_path)
     assert_clean_error(proc, str(tmp_path / "other.pt"), "patch_embed.proj.weight: file (32, 3, 8, 8) vs model (64, 3, 8, 8)")
+
+
+@pytest.mark.parametrize(
+    ("command", "run_dir", "needle"),
+    [
+        (["sweep", "run", "demo", "--smoke"], "afile", "--run-dir afile: is a file, not a folder"),
+        (["sweep", "resume", "x"], "afile", "--run-dir afile: is a file, not a folder"),
+        (["sweep", "leaderboard", "x"], "afile", "--run-dir afile: is a file, not a folder"),
+        (["promote"], "afile", "--run-dir afile: is a file, not a folder"),
+        (["promote", "x"], "afile/runs", "--run-dir afile/runs: afile is a file, not a folder"),
+    ],
+)
+def test_a_run_dir_that_is_a_file_is_a_clean_error(tmp_path: Path, command, run_dir, needle):
+    (tmp_path / "afile").write_text("not a folder")
+    proc = cpews(*command, "--run-dir", run_dir, cwd=tmp_path)
+    assert_clean_error(proc, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize(
+    ("model", "tracking_uri", "needle"),
+    [
+        ("models:/cpews@champion", None, "there is no MLflow store at {tmp}/runs/mlflow/mlflow.db (the local store"),
+        ("runs:/0123/model", "sqlite:///{tmp}/store/mlflow.db", "there is no MLflow store at {tmp}/store/mlflow.db "
+         "(MLFLOW_TRACKING_URI)"),
+        ("./exported/model", None, "{tmp}/exported/model does not exist"),
+    ],
+)
+def test_infer_with_a_model_that_does_not_exist_creates_nothing(tmp_path: Path, model, tracking_uri, needle):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri.format(tmp=tmp_path)
+    proc = cpews("infer", "--model", model, "image.png", "--out", "pred", "--device", "cpu", cwd=tmp_path, env=env)
+    assert_clean_error(proc, f"cannot load model {model!r}: ", needle.format(tmp=tmp_path))
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/mlflow, no store, no output folder
+
+
+def fake_sweep(run_dir: Path, name: str, created: float, statuses: list[str]) -> None:
+    """A finished sweep's folder as `promote` reads it: sweep.yaml, state.json and leaderboard.json (no Tune
+    folder), its trials with `statuses`."""
+    import yaml
+
+    from orchestration.search_space import load_sweep, smoke
+
+    root = run_dir / "sweeps" / name
+    root.mkdir(parents=True)
+    data = smoke(load_sweep("demo", check_paths=False)).to_dict()
+    data.update(name=name, tracking={"experiment": name})
+    (root / "sweep.yaml").write_text(yaml.safe_dump(data))
+    state = {"name": name, "created": created, "workdir": str(run_dir.parent),
+             "tracking_uri": f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}"}
+    (root / "state.json").write_text(json.dumps(state))
+    trials = [{"rank": i + 1, "trial": f"t{i}", "status": status, "params": {"loss.pdl_weight": 0.1 * (i + 1)},
+               "fold_scores": [0.5, 0.6] if status == "completed" else [0.5],
+               "cv_miou_mean": 0.55 if status == "completed" else None, "cv_miou_std": 0.07,
+               "folds_completed": 2 if status == "completed" else 1}
+              for i, status in enumerate(statuses)]
+    (root / "leaderboard.json").write_text(json.dumps({"sweep": name, "trials": trials}))
+
+
+def test_promote_without_a_name_says_which_sweep_it_picked(tmp_path: Path):
+    run_dir = tmp_path / "runs"
+    fake_sweep(run_dir, "newer", created=2000.0, statuses=["failed", "pruned"])
+    fake_sweep(run_dir, "older", created=1000.0, statuses=["completed"])
+    refused = cpews("promote", "--dry-run", "--run-dir", run_dir, cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    # (MLflow may log a line first: the leaderboard is read from the sweep's store when it can be)
+    assert refused.stderr.splitlines()[-1].startswith(
+        f"cpews: error: sweep newer (the latest in {run_dir / 'sweeps'}; no sweep named): the sweep has no "
+        "completed trial"), refused.stderr
+    assert refused.stdout == f"promote: no sweep named: the latest sweep in {run_dir / 'sweeps'} is newer\n"
+
+    fake_sweep(run_dir, "newest", created=3000.0, statuses=["completed", "failed"])
+    dry = cpews("promote", "--dry-run", "--run-dir", run_dir, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    lines = dry.stdout.splitlines()
+    assert lines[0] == f"promote: no sweep named: the latest sweep in {run_dir / 'sweeps'} is newest"
+    assert lines[1].startswith("sweep newest: promoting trial t0: ")
+

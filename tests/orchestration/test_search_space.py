@@ -538,7 +538,7 @@ def test_missing_dataset_folder_is_an_error_naming_the_key_and_path(tmp_path, mo
     load_error(tmp_path, voc, "base_config", "data/VOCdevkit/VOC2012", "does not exist")
     missing = str(tmp_path / "nowhere")
     load_error(tmp_path, {**voc, "fixed": {"data.root": missing}}, "fixed.data.root", missing)
-    (tmp_path / "VOC2012").mkdir()
+    voc_split_list(tmp_path / "VOC2012", "train_aug", 12)
     spec = load_sweep(write(tmp_path, {**voc, "fixed": {"data.root": str(tmp_path / "VOC2012")}}))
     assert spec.base_train_config().data.root == str(tmp_path / "VOC2012")
     assert load_sweep(write(tmp_path, voc), check_paths=False).base_train_config().data.dataset == "voc"
@@ -548,6 +548,14 @@ def test_missing_dataset_folder_is_an_error_naming_the_key_and_path(tmp_path, mo
         "fixed.model.weights",
         "w.pth",
     )
+
+
+def voc_split_list(root: Path, split: str, images: int) -> Path:
+    """A VOC folder whose split list names `images` ids (only the list: validation reads nothing else)."""
+    listed = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    listed.parent.mkdir(parents=True, exist_ok=True)
+    listed.write_text("".join(f"2007_{i:06d}\n" for i in range(images)))
+    return listed
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -560,6 +568,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(SweepFileError, match="expected a mapping at the top level"):
         load_sweep(bad)
+
+
+def test_binary_sweep_file_is_an_error_naming_the_file(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x80\x81\xff")
+    with pytest.raises(SweepFileError) as info:
+        load_sweep(binary)
+    assert str(info.value) == f"{binary}: not a text (UTF-8) file: byte 0x80 at offset 0"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -814,3 +830,141 @@ def test_distribution_contains_respects_kind(tmp_path):
         "loss.pdl_weight"
     ).contains(0.31)
     assert not spec.distribution("loss.pdl_weight").contains("0.1")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Value ranges and the pre-flight checks: what would otherwise fail in every trial.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_fixed_value_outside_its_range_names_the_key_value_and_range(tmp_path):
+    path = write(tmp_path, minimal())
+    with pytest.raises(SweepFileError) as info:
+        load_sweep(path, ["fixed.optim.max_iters=-5"])
+    assert str(info.value) == f"{path}: fixed.optim.max_iters=-5 is outside the valid range >= 0"
+    message = load_error(tmp_path, _set(minimal(), "fixed/cam", {"scales": [1.0, 0.0]}))
+    assert message.endswith("fixed.cam.scales[1]=0.0 is outside the valid range > 0"), message
+
+
+@pytest.mark.parametrize(
+    "key, entry, message",
+    [
+        (
+            "cam.high_threshold",
+            {"uniform": [0.5, 1.5]},
+            "space.cam.high_threshold.uniform: [0.5, 1.5] reaches outside the valid range [0, 1] of cam.high_threshold",
+        ),
+        (
+            "train.batch_size",
+            {"int": [0, 8]},
+            "space.train.batch_size.int: [0, 8] reaches outside the valid range >= 1 of train.batch_size",
+        ),
+        (
+            "optim.beta2",
+            {"uniform": [0.9, 1.0]},
+            "space.optim.beta2.uniform: [0.9, 1.0] reaches outside the valid range [0, 1) of optim.beta2",
+        ),
+        (
+            "proto.num_prototypes",
+            {"categorical": [5, 0]},
+            "space.proto.num_prototypes.categorical[1]=0 is outside the valid range >= 1",
+        ),
+    ],
+)
+def test_searched_range_must_lie_inside_the_fields_range(tmp_path, key, entry, message):
+    data = minimal()
+    data["space"] = {"loss.ism_weight": {"uniform": [0.1, 0.5]}, key: entry}
+    path = write(tmp_path, data)
+    with pytest.raises(SweepFileError) as info:
+        load_sweep(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_searched_range_may_reach_the_fields_bounds(tmp_path):
+    data = minimal()
+    data["space"]["cam.high_threshold"] = {"uniform": [0.5, 1.0]}
+    data["space"]["train.batch_size"] = {"int": [1, 8]}
+    spec = load_sweep(write(tmp_path, data))
+    assert spec.distribution("cam.high_threshold").high == 1.0 and spec.distribution("train.batch_size").low == 1
+
+
+def test_objective_must_be_a_key_every_trial_report_holds(tmp_path):
+    from cpews.training import keys
+    from orchestration.trial import cv_metrics
+
+    # the keys are those of the trial's every report (before any fold ends and after one)
+    assert set(cv_metrics([], [])) == set(cv_metrics([0.5, 0.7], [0.1, 0.1])) == set(keys.TRIAL_REPORT_KEYS)
+    assert DEFAULT_OBJECTIVE_METRIC in keys.TRIAL_REPORT_KEYS
+    message = load_error(tmp_path, _set(minimal(), "objective/metric", "val/miou_seg"))
+    assert message.endswith(
+        "objective.metric: 'val/miou_seg' is not reported by the sweep's trials; valid: cv/miou_seg_mean, "
+        "cv/miou_seg_std, cv/baseline_miou_mean, cv/folds_completed"
+    ), message
+    spec = load_sweep(write(tmp_path, _set(_set(minimal(), "objective/metric", "cv/miou_seg_std"), "objective/mode", "min")))
+    assert spec.objective.metric == keys.CV_MIOU_SEG_STD
+
+
+def _voc(tmp_path: Path, **fixed) -> dict:
+    return {
+        "base_config": "voc",
+        "fixed": {"data.root": str(tmp_path / "VOC2012"), **fixed},
+        "space": {"loss.ism_weight": {"uniform": [0.1, 0.5]}},
+        "search": {"num_trials": 2},
+        "resources": {"gpu": 1},
+    }
+
+
+def test_voc_folds_smaller_than_the_batch_are_an_error(tmp_path):
+    root = tmp_path / "VOC2012"
+    listed = voc_split_list(root, "train_aug", 5)  # 3 folds of 2, 2, 1 ids: a fold trains on 5 - 2 = 3 images
+    message = load_error(tmp_path, _voc(tmp_path))  # the voc preset's batch of 4
+    assert message.endswith(
+        f"base_config: train.batch_size reaches 4 but a fold trains on 3 images (5 ids in {listed}, folds.k=3)"
+    ), message
+    assert load_sweep(write(tmp_path, _voc(tmp_path, **{"train.batch_size": 3}))).folds.k == 3
+    data = _voc(tmp_path)
+    data["space"]["train.batch_size"] = {"categorical": [2, 8]}
+    load_error(tmp_path, data, "space.train.batch_size", "reaches 8", "trains on 3 images")
+    voc_split_list(root, "train_aug", 2)
+    load_error(tmp_path, _voc(tmp_path), "folds.k: 3 folds of 2 images", str(listed))
+    voc_split_list(root, "train_aug", 6)  # 6 - 2 = 4 images per fold: the batch of 4 fits
+    assert load_sweep(write(tmp_path, _voc(tmp_path))).base_train_config().train.batch_size == 4
+    assert load_sweep(write(tmp_path, _voc(tmp_path)), check_paths=False)  # nothing on disk is read then
+
+
+def test_voc_fold_split_that_cannot_be_read_is_an_error(tmp_path):
+    voc_split_list(tmp_path / "VOC2012", "train_aug", 12)
+    data = _set(_voc(tmp_path), "folds/split", "trainval")
+    missing = tmp_path / "VOC2012" / "ImageSets" / "Segmentation" / "trainval.txt"
+    load_error(tmp_path, data, "folds.split: 'trainval'", str(missing), "not found")
+
+
+def _backbone_state_dict(*overrides: str) -> dict:
+    """The backbone weights of the `synthetic_demo` model (with `overrides`), as a pretraining would save them."""
+    from cpews.config import load_config
+    from cpews.model import build_model
+
+    cfg = load_config("synthetic_demo", ["model.weights=", *overrides])
+    return build_model(cfg, num_classes=3).backbone.vit.state_dict()
+
+
+def test_model_weights_must_load_into_the_models_backbone(tmp_path):
+    import torch
+
+    good, narrow, garbage = tmp_path / "good.pt", tmp_path / "narrow.pt", tmp_path / "garbage.pt"
+    torch.save(_backbone_state_dict(), good)
+    torch.save(_backbone_state_dict("model.embed_dim=32"), narrow)  # another architecture
+    garbage.write_bytes(b"\x80\x81\xff not a checkpoint")
+    spec = load_sweep(write(tmp_path, _set(minimal(), "fixed/model.weights", str(good))))
+    assert spec.base_train_config().model.weights == str(good)
+    message = load_error(tmp_path, _set(minimal(), "fixed/model.weights", str(narrow)))
+    assert f"fixed.model.weights: model.weights={str(narrow)!r}: the file does not fit the backbone" in message
+    assert "cls_token: file (1, 1, 32) vs model (1, 1, 64)" in message
+    message = load_error(tmp_path, _set(minimal(), "fixed/model.weights", str(garbage)))
+    assert f"fixed.model.weights: model.weights={str(garbage)!r}: not a loadable state dict" in message
+    data = minimal()
+    data["space"]["model.weights"] = {"categorical": [str(good), str(narrow)]}
+    load_error(tmp_path, data, "space.model.weights.categorical[1]", str(narrow), "does not fit")
+    # `synthetic` (the default of the preset) is made before the first trial, and `hub` is downloaded: exempt
+    assert load_sweep(write(tmp_path, minimal())).base_train_config().model.weights == "synthetic"
+    assert load_sweep(write(tmp_path, _set(minimal(), "fixed/model.weights", str(narrow))), check_paths=False)

@@ -7,8 +7,11 @@ trial at a time), about 30 s each on a 2-core machine.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -197,11 +200,15 @@ def _board_rows() -> list[dict]:
 def test_text_leaderboard_shows_the_all_background_miou_per_trial_and_in_its_footer() -> None:
     from orchestration.sweep import format_leaderboard
 
-    lines = format_leaderboard(_board_rows(), smoke_spec()).splitlines()
-    header = lines[1]
+    lines = format_leaderboard(_board_rows(), smoke_spec(), source="a test").splitlines()
+    assert lines[1] == ("ranked by status (completed, pruned, timeout, interrupted, pending, failed), then folds "
+                        "completed (most first), then cv/miou_seg_mean (highest first); ± the sample std of the "
+                        "fold scores")
+    assert lines[2] == "from a test"
+    header = lines[3]
     assert "bkg mIoU" in header
     column = header.index("bkg mIoU")
-    cells = [line[column:].split()[0] for line in lines[3:7]]
+    cells = [line[column:].split()[0] for line in lines[5:9]]
     assert cells == ["0.1270", "0.1270", "0.1310", "-"]
     # completed trials saw every fold: their figure is the floor of the comparison; one of two beats it
     assert lines[-1] == ("all-background mIoU of the same images: 0.1270 (completed trials, every fold); "
@@ -215,6 +222,29 @@ def test_text_leaderboard_without_a_completed_trial_states_the_range() -> None:
     assert format_leaderboard(rows, smoke_spec()).splitlines()[-1] == (
         "all-background mIoU of the same images: 0.1270-0.1310 (by the folds each trial finished)"
     )
+
+
+def test_one_fold_std_for_the_leaderboard_and_promotion() -> None:
+    """Fold scores 0.50, 0.52, 0.56 (mean 0.526667): the sample std is sqrt(0.00186667 / 2) = 0.030551 (the
+    population std would be 0.024944). The leaderboard shows it and promotion uses it, even for a trial that
+    reported the population std."""
+    from orchestration.kfold import fold_std
+    from orchestration.promote import cv_drop_warning, select_best
+    from orchestration.sweep import _spread, format_leaderboard
+
+    scores = [0.50, 0.52, 0.56]
+    assert fold_std(scores) == pytest.approx(0.030551, abs=1e-6)
+    assert math.isnan(fold_std([0.5])) and math.isnan(fold_std([]))
+    std = _spread(scores, 3, reported=0.024944)  # what an older trial put in its last result
+    assert std == pytest.approx(0.030551, abs=1e-6)
+    assert _spread([0.5], 1, reported=0.0) is None  # no spread from one fold
+    row = {**_board_rows()[0], "fold_scores": scores, "cv_miou_mean": sum(scores) / 3, "cv_miou_std": std,
+           "folds_completed": 3}
+    spec = smoke_spec("folds.k=3")
+    assert "0.5267 ± 0.0306" in format_leaderboard([row], spec)
+    (candidate,) = select_best([row], 3).candidates
+    assert candidate["std"] == pytest.approx(std)
+    assert "fold std 0.0306 over 3 folds" in cv_drop_warning(0.4, scores, metric="seg")
 
 
 def test_asha_pruned_trial_reaches_optuna_as_pruned(ray_env: None, tmp_path: Path) -> None:
@@ -238,17 +268,31 @@ def test_asha_pruned_trial_reaches_optuna_as_pruned(ray_env: None, tmp_path: Pat
             outcome = run_sweep(spec, run_dir=tmp_path / "runs", out=lambda line: None)
         finally:
             tune_runner.make_searcher = original
-        study = {tuple(sorted(t.params.items())): t.state for t in searcher._ot_study.get_trials(deepcopy=False)}
+        study = {tuple(sorted(t.params.items())): t for t in searcher._ot_study.get_trials(deepcopy=False)}
         assert len(study) == 2
         for row in outcome.rows:
             expected = optuna.trial.TrialState.COMPLETE if row["status"] == "completed" else optuna.trial.TrialState.PRUNED
             assert row["status"] in ("completed", "pruned")
             assert (row["status"] == "pruned") == (row["folds_completed"] < 2)
-            assert study[tuple(sorted(row["params"].items()))] == expected
+            told = study[tuple(sorted(row["params"].items()))]
+            assert told.state == expected
+            # one intermediate value per finished fold (the CV mean so far), the stopping fold's included
+            scores = row["fold_scores"]
+            assert told.intermediate_values == pytest.approx(
+                {n: sum(scores[:n]) / n for n in range(1, len(scores) + 1)}
+            )
             statuses.append((mode, row["status"], row["fold_scores"][0]))
         sweep, trials, folds = run_tree(sweep_runs(outcome.tracking_uri, spec.name))
         assert {r.info.status for r in sweep + trials + folds} == {"FINISHED"}
         assert sorted(r.data.tags["cpews.status"] for r in trials) == sorted(r["status"] for r in outcome.rows)
+        for row in outcome.rows:  # one std: the sample std of the fold scores, on the leaderboard and in MLflow
+            (run,) = [r for r in trials if r.info.run_id == row["mlflow_run_id"]]
+            if row["status"] == "completed":
+                assert row["cv_miou_std"] == pytest.approx(statistics.stdev(row["fold_scores"]))
+                assert run.data.metrics["cv/miou_seg_std"] == pytest.approx(row["cv_miou_std"])
+            else:
+                assert row["cv_miou_std"] is None and "cv/miou_seg_std" not in run.data.metrics  # one fold
+                assert "cpews.skipped_nonfinite_metrics" not in run.data.tags
         assert len(folds) == sum(r["folds_completed"] for r in outcome.rows)
     first_fold = {score for _, _, score in statuses}
     if len(first_fold) == 2:
@@ -344,3 +388,143 @@ def test_stopped_driver_resumes_without_duplicates(ray_env: None, tmp_path: Path
     fold, iteration = map(int, new[0].split())
     last_fold = int(before[stopped][-1].split()[0])
     assert iteration > 0 or fold > last_fold, (before[stopped], new)  # continued, not restarted
+
+
+def test_sweep_whose_every_trial_fails_says_why_and_fails(ray_env: None, tmp_path: Path) -> None:
+    """Both trials fail in the trainer (the pool cache folder is a file; a retry fails the same way): the last
+    lines give each trial's exception and its error file, every MLflow run of the sweep is FAILED, the exit is
+    non-zero. Then, without Ray, the leaderboard comes from Tune's state although the saved leaderboard.json
+    is out of date, and from MLflow once Tune's state is gone."""
+    import yaml
+
+    from orchestration.sweep import read_leaderboard
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the pool cache folder should be\n")
+    spec = smoke_spec("scheduler.type=fifo", f"fixed.proto.cache_dir={blocker}", name="all-fail")
+    sweep_file = tmp_path / "all-fail.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec.to_dict()))
+    run_dir = tmp_path / "runs"
+    command = [sys.executable, "-m", "orchestration.cli", "sweep"]
+    proc = subprocess.run([*command, "run", str(sweep_file), "--run-dir", str(run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert any(line.startswith("sweep all-fail failed (no trial completed) in ") and
+               line.endswith(": 0 completed, 0 pruned, 0 timeout, 2 failed") for line in lines), lines[-8:]
+    failures = [re.fullmatch(r"trial (\w+) failed: (\w+: .*) \(error file (\S+)\)", line) for line in lines[-2:]]
+    assert all(failures), lines[-4:]
+    for match in failures:
+        error_file = Path(match[3])
+        assert error_file.parent.name == f"trial_{match[1]}" and error_file.parent.parent.name == "tune"
+        assert error_file.read_text().strip().splitlines()[-1] == match[2]  # the exception's last line
+        assert str(blocker) in match[2]
+    uri = f"sqlite:///{run_dir.resolve() / 'mlflow' / 'mlflow.db'}"
+    sweep, trials, folds = run_tree(sweep_runs(uri, "all-fail"))
+    assert (len(sweep), len(trials)) == (1, 2) and folds
+    assert {r.info.status for r in sweep + trials + folds} == {"FAILED"}
+    assert sweep[0].data.tags["cpews.status"] == "failed"
+    assert {r.data.tags["cpews.status"] for r in trials} == {"failed"}
+
+    # the leaderboard after the crash: no Ray instance; the saved file keeps one of the two trials
+    root = run_dir / "sweeps" / "all-fail"
+    saved = json.loads((root / "leaderboard.json").read_text())
+    assert saved["ranking"].startswith("by status (completed, pruned, timeout")
+    (root / "leaderboard.json").write_text(json.dumps({**saved, "trials": saved["trials"][:1]}))
+    board = subprocess.run([*command, "leaderboard", "all-fail", "--run-dir", str(run_dir)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert board.returncode == 0, board.stderr[-3000:]
+    assert f"from Tune's experiment state in {root.resolve() / 'tune'}" in board.stdout
+    assert [line.split()[-2] for line in board.stdout.splitlines()[-2:]] == ["failed", "failed"]
+    for state in (root / "tune").glob("experiment_state-*.json"):
+        state.rename(state.with_suffix(".moved"))
+    rows, source, _ = read_leaderboard("all-fail", run_dir=run_dir)
+    assert source.startswith("the trial runs in MLflow (sqlite:///") and "Tune saved no experiment state" in source
+    assert sorted(row["trial"] for row in rows) == sorted(match[1] for match in failures)
+    assert {row["status"] for row in rows} == {"failed"}
+    assert sorted(row["error"] for row in rows) == sorted(match[2] for match in failures)
+
+
+def test_trial_stopped_by_the_time_budget_is_timeout_not_pruned(ray_env: None, tmp_path: Path) -> None:
+    """A 1 s budget under ASHA stops the sweep before any trial finishes a fold: Tune ends those trials before
+    their last fold like a scheduler's cut, but the leaderboard and MLflow say `timeout`, and the sweep, with
+    no completed trial, ends FAILED."""
+    from orchestration.sweep import run_sweep
+    from orchestration.tune_runner import read_stop_reasons
+
+    spec = smoke_spec("time_budget_s=1", name="budget")
+    assert spec.scheduler.type == "asha"
+    lines: list[str] = []
+    outcome = run_sweep(spec, run_dir=tmp_path / "runs", out=lines.append)
+    assert not outcome.interrupted
+    assert outcome.rows and {row["status"] for row in outcome.rows} == {"timeout"}, outcome.rows
+    assert all(row["folds_completed"] < spec.folds.k for row in outcome.rows)
+    reasons = read_stop_reasons(outcome.paths.stops)
+    assert reasons.time_budget and not reasons.scheduler
+    assert any(line.startswith("sweep budget failed (no trial completed) in ") and
+               line.endswith(f": 0 completed, 0 pruned, {len(outcome.rows)} timeout, 0 failed") for line in lines)
+    sweep, trials, folds = run_tree(sweep_runs(outcome.tracking_uri, spec.name))
+    assert [r.info.status for r in sweep] == ["FAILED"]
+    assert "RUNNING" not in {r.info.status for r in trials + folds}
+    assert {r.data.tags.get("cpews.status") for r in trials} <= {"timeout"}
+
+
+CLAIM = """
+import json, sys, time
+from pathlib import Path
+from orchestration.search_space import validate_sweep
+from orchestration.sweep import SweepError, claim_sweep
+
+spec = validate_sweep(json.loads(sys.argv[1]), check_paths=False)
+go = Path(sys.argv[3])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.002)
+try:
+    claimed = claim_sweep(spec, Path(sys.argv[2]), new_name_if_taken=sys.argv[4] == "next", out=lambda line: None)
+except SweepError as exc:
+    print(f"refused: {exc}", flush=True)
+    sys.exit(3)
+print(f"claimed {claimed.spec.name} {claimed.experiment_id}", flush=True)
+"""
+
+
+def _claim_at_once(spec, run_dir: Path, n: int, mode: str) -> list[subprocess.CompletedProcess]:
+    """`n` processes that call `claim_sweep` at the same moment (each waits, imported, for a go file)."""
+    go = run_dir.parent / f"go-{mode}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [sys.executable, "-c", CLAIM, json.dumps(spec.to_dict()), str(run_dir), str(go), mode]
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.communicate()[1][-3000:]
+        go.touch()
+        return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_sweeps_started_at_once_get_their_own_names(tmp_path: Path) -> None:
+    """Two processes start the sweep `micro` at the same moment in a fresh run folder (no store yet): one
+    creates the SQLite store, each gets its own name, folder and experiment (micro, micro-2); with a fixed
+    name, one of two gets it and the other a clear refusal (no traceback, no store error)."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "runs"
+    done = _claim_at_once(smoke_spec(), run_dir, 2, "next")
+    for proc in done:
+        assert proc.returncode == 0 and "Error" not in proc.stderr, proc.stdout + proc.stderr[-3000:]
+    claimed = dict(proc.stdout.split()[1:] for proc in done)
+    assert sorted(claimed) == ["micro", "micro-2"]
+    assert {p.name for p in (run_dir / "sweeps").iterdir() if p.is_dir()} == set(claimed)
+    client = MlflowClient(f"sqlite:///{run_dir.resolve() / 'mlflow' / 'mlflow.db'}")
+    for name, experiment_id in claimed.items():
+        assert client.get_experiment_by_name(name).experiment_id == experiment_id
+
+    first, second = _claim_at_once(smoke_spec(name="solo"), run_dir, 2, "fixed")
+    assert sorted((first.returncode, second.returncode)) == [0, 3], (first, second)
+    refused = first if first.returncode == 3 else second
+    assert refused.stdout.startswith("refused: sweep 'solo' exists already in ") and "Error" not in refused.stderr

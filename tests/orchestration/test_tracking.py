@@ -1,9 +1,11 @@
 """MLflow tracking against a real `mlflow server` on 127.0.0.1 (see conftest.py): the run tree, continuing a
-run, an outage, a crashed writer, redaction, long params, non-finite metrics, dangling runs, the local store."""
+run, an outage, a crashed writer, redaction, long params, non-finite metrics, dangling runs, the local store;
+one value per metric step after a resume; artifact uploads that fail, kept and delivered by `cpews sweep sync`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,10 +26,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from orchestration.cli import main as cli_main
 from orchestration.tracking import (
     FULL_PARAMS_ARTIFACT,
     SKIPPED_METRICS_TAG,
     TRUNCATION_MARKER,
+    Backlog,
     LocalStore,
     RunLogger,
     TrackingUnavailableError,
@@ -41,6 +45,8 @@ from orchestration.tracking import (
     redact,
     resolve_store,
     runs_left_running,
+    spool_backlog,
+    sync_spools,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -496,3 +502,326 @@ def test_local_sqlite_store_by_default(monkeypatch, tmp_path):
     assert metric_steps(client, logger.run_id, "val/miou") == [(5, 0.25)]
     stored = root / "artifacts" / logger.run_id / "artifacts" / "checkpoints" / "last.pt"
     assert stored.read_bytes() == b"weights"
+
+
+# ---------------------------------------------------------------------------------- one value per step
+
+
+def log_steps(logger: RunLogger, steps: range, scale: float) -> None:
+    """What the trainer reports: window-averaged values, which differ when the same steps are trained again."""
+    for step in steps:
+        logger.log_metrics({"train/loss": scale * step, "val/miou": scale / step}, step=step)
+
+
+@pytest.mark.parametrize(
+    "restart", ["same_spool", "same_spool_undelivered", "old_spool_format", "other_spool"]
+)
+def test_a_resumed_logger_logs_each_step_once_with_the_first_value(
+    live_mlflow_server, tmp_path, request, dead_uri, restart
+):
+    """A worker logs steps 1..10 and dies; its restart resumes from the checkpoint at step 5 and logs 5..12 with
+    other values. MLflow holds each step once: 1..10 as first logged, then 11 and 12. The restarted logger knows
+    the steps from its spool (delivered, or still waiting because the server was unreachable, or a spool written
+    before the steps were kept in position.json), or, on a spool of its own, from the run's history in MLflow."""
+    uri = live_mlflow_server.uri
+    client = MlflowClient(uri)
+    experiment_id = new_experiment(client, request)
+    spool = tmp_path / "fold_0"
+    first = RunLogger.start(uri, experiment_id, run_name="fold", spool_dir=spool)
+    run_id = first.run_id
+    if restart == "same_spool_undelivered":  # the first attempt never reached the server
+        first.close()
+        first = RunLogger.start(dead_uri, experiment_id, run_name="fold", run_id=run_id, spool_dir=spool)
+    log_steps(first, range(1, 11), 1.0)
+    first.log_metrics({"train/loss": 99.0}, step=10)  # the same step again in one process: dropped too
+    first.log_metrics({"train/loss": 99.0}, step=3)  # and an older one
+    first.close()  # the worker dies without ending its run
+    if restart == "same_spool_undelivered":
+        assert client.get_metric_history(run_id, "train/loss") == []
+    if restart == "old_spool_format":
+        position = json.loads((spool / "position.json").read_text())
+        del position["metric_steps"]
+        (spool / "position.json").write_text(json.dumps(position))
+    if restart == "other_spool":
+        spool = tmp_path / "fold_0_attempt_1"
+
+    resumed = RunLogger.start(uri, experiment_id, run_name="fold", run_id=run_id, spool_dir=spool)
+    log_steps(resumed, range(5, 13), 2.0)
+    assert resumed.end() == 0
+
+    assert metric_steps(client, run_id, "train/loss") == [(s, float(s)) for s in range(1, 11)] + [
+        (11, 22.0),
+        (12, 24.0),
+    ]
+    assert metric_steps(client, run_id, "val/miou") == [(s, 1.0 / s) for s in range(1, 11)] + [
+        (11, 2.0 / 11),
+        (12, 2.0 / 12),
+    ]
+
+    # The next attempt after that (e.g. a retry that finds the fold done) adds nothing either.
+    again = RunLogger.start(uri, experiment_id, run_name="fold", run_id=run_id, spool_dir=spool)
+    log_steps(again, range(12, 13), 3.0)
+    assert again.end() == 0
+    assert len(client.get_metric_history(run_id, "train/loss")) == 12
+
+
+# ----------------------------------------------------------------------------- artifacts that fail
+
+
+def block(path: Path) -> None:
+    """Put a file where MLflow's artifact folder `path` belongs: every write below it fails, for root too
+    (permission bits do not stop root)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a folder")
+
+
+def fold_files(tmp_path: Path) -> tuple[Path, Path]:
+    checkpoint = tmp_path / "work" / "last.pt"
+    pool = tmp_path / "work" / "pool"
+    (pool / "meta").mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    (pool / "prototypes.npy").write_bytes(b"\x01" * 16)
+    (pool / "meta" / "pool.json").write_text('{"k": 4}')
+    return checkpoint, pool
+
+
+@pytest.mark.parametrize("store", ["local", "server"])
+def test_artifacts_that_cannot_be_written_are_kept_retried_and_synced_later(
+    store, tmp_path, request, monkeypatch, caplog
+):
+    """The artifact store refuses every write (a file stands where its folder belongs): the uploads are tried
+    a few times, then kept in the spool with their files, while the records after them are delivered; the
+    logger and `spool_backlog` count them; `sync_spools` tries again (still blocked: still kept) and, once the
+    store is writable, delivers them and removes the copies."""
+    if store == "local":
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        local = resolve_store(tmp_path / "runs")
+        uri = local.tracking_uri
+        client = MlflowClient(uri)
+        experiment_id = ensure_experiment(client, request.node.name, local.artifact_root)
+        blocked = tmp_path / "runs" / "mlflow" / "artifacts"  # the experiment's artifact location
+    else:
+        server = request.getfixturevalue("live_mlflow_server")
+        uri = server.uri
+        client = MlflowClient(uri)
+        experiment_id = new_experiment(client, request)
+        blocked = server.artifacts_dir / experiment_id  # the server answers 500
+    spools = tmp_path / "spools"
+    logger = RunLogger.start(uri, experiment_id, run_name="fold", spool_dir=spools / "fold_0")
+    run_id = logger.run_id
+    block(blocked)
+    checkpoint, pool = fold_files(tmp_path)
+
+    logger.log_metrics({"val/miou": 0.5}, step=1)
+    logger.log_artifact(checkpoint, "checkpoint")
+    logger.log_artifacts(pool, "pool")
+    logger.log_metrics({"val/miou": 0.6}, step=2)  # what follows a failed upload still goes
+    shutil.rmtree(tmp_path / "work")  # the trial's own files may go: the spool holds copies
+    with caplog.at_level(logging.INFO, logger="orchestration.tracking"):
+        started = time.monotonic()
+        assert logger.end("FINISHED", timeout_s=30) == 2
+        assert time.monotonic() - started < 10  # a few attempts with a backoff, not the whole timeout
+    assert logger.pending_artifacts == 2
+    assert "could not store artifact checkpoint/last.pt" in caplog.text
+    assert "artifact pool still not stored after 3 attempts" in caplog.text
+
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert metric_steps(client, run_id, "val/miou") == [(1, 0.5), (2, 0.6)]
+    backlog = spool_backlog(spools)
+    assert backlog[:2] == (2, 2) and backlog.describe() == "2 artifacts"
+    assert backlog.last_error
+    if store == "local":
+        assert str(blocked) in backlog.last_error  # the error names the folder that cannot be written
+    deferred = json.loads((spools / "fold_0" / "deferred.json").read_text())
+    assert [entry["attempts"] for entry in deferred.values()] == [3, 3]
+    kept = spools / "fold_0" / "artifacts"
+    first, second = sorted(deferred, key=int)
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        f"{first}/last.pt",
+        f"{second}/meta/pool.json",
+        f"{second}/prototypes.npy",
+    ]
+
+    # Still blocked: a sync tries again and keeps everything.
+    assert sync_spools(spools, timeout_s=10)[:2] == (2, 2)
+    deferred = json.loads((spools / "fold_0" / "deferred.json").read_text())
+    assert [entry["attempts"] for entry in deferred.values()] == [6, 6]
+
+    blocked.unlink()
+    assert sync_spools(spools, timeout_s=30) == Backlog(0, 0)
+    downloaded = client.download_artifacts(run_id, "checkpoint/last.pt", str(tmp_path / "download"))
+    assert Path(downloaded).read_bytes() == b"weights"
+    assert [f.path for f in client.list_artifacts(run_id, "pool")] == ["pool/meta", "pool/prototypes.npy"]
+    assert [f.path for f in client.list_artifacts(run_id, "pool/meta")] == ["pool/meta/pool.json"]
+    assert not list(kept.iterdir())
+    assert json.loads((spools / "fold_0" / "deferred.json").read_text()) == {}
+    assert metric_steps(client, run_id, "val/miou") == [(1, 0.5), (2, 0.6)]
+
+
+def test_a_later_upload_of_the_same_file_replaces_a_deferred_one(live_mlflow_server, tmp_path, request):
+    """leaderboard.json fails to upload, then the store is writable again and a newer leaderboard.json is
+    logged: MLflow keeps the newer file; the older copy is dropped, not uploaded over it."""
+    uri = live_mlflow_server.uri
+    client = MlflowClient(uri)
+    experiment_id = new_experiment(client, request)
+    logger = RunLogger.start(uri, experiment_id, run_name="sweep", spool_dir=tmp_path / "spool")
+    blocked = live_mlflow_server.artifacts_dir / experiment_id
+    block(blocked)
+    leaderboard = tmp_path / "leaderboard.json"
+    leaderboard.write_text('{"trials": 2}')
+    logger.log_artifact(leaderboard)
+    assert logger.pending == 1
+    blocked.unlink()
+    leaderboard.write_text('{"trials": 4}')
+    logger.log_artifact(leaderboard)
+    assert logger.end() == 0
+    downloaded = client.download_artifacts(logger.run_id, "leaderboard.json", str(tmp_path / "download"))
+    assert Path(downloaded).read_text() == '{"trials": 4}'
+    assert not list((tmp_path / "spool" / "artifacts").iterdir())
+
+
+def test_sweep_sync_delivers_what_a_sweep_left_and_says_what_is_still_pending(tmp_path, monkeypatch, capsys):
+    """`cpews sweep sync NAME` on a sweep folder whose spools hold failed uploads (the sweep's run and a fold's
+    run): exit 1 naming the count and the error while the store is blocked, then exit 0 once it delivered
+    them; an unknown sweep is refused by name."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs"
+    store = resolve_store(run_dir)
+    client = MlflowClient(store.tracking_uri)
+    experiment_id = ensure_experiment(client, "synced", store.artifact_root)
+    root = run_dir / "sweeps" / "synced"
+    (root / "trials" / "t1").mkdir(parents=True)
+    (root / "state.json").write_text(json.dumps({"name": "synced", "tracking_uri": store.tracking_uri}))
+    leaderboard = root / "leaderboard.json"
+    leaderboard.write_text('{"trials": []}')
+    checkpoint, _ = fold_files(tmp_path)
+    sweep_run = RunLogger.start(
+        store.tracking_uri, experiment_id, run_name="synced", spool_dir=root / "mlflow_spool"
+    )
+    fold_run = RunLogger.start(
+        store.tracking_uri,
+        experiment_id,
+        run_name="t1/fold_0",
+        spool_dir=root / "trials" / "t1" / "mlflow" / "fold_0",
+    )
+    blocked = run_dir / "mlflow" / "artifacts"
+    block(blocked)
+    fold_run.log_artifact(checkpoint, "checkpoint")
+    sweep_run.log_artifact(leaderboard)
+    assert fold_run.end() == 1 and sweep_run.end() == 1
+    capsys.readouterr()
+
+    args = ["sweep", "sync", "synced", "--run-dir", str(run_dir), "--timeout", "5"]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "cpews sweep sync: error: 2 artifacts of sweep synced still pending" in err
+    assert str(blocked) in err
+
+    blocked.unlink()
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out.strip() == "sweep synced: 2 artifacts delivered to MLflow"
+    assert [f.path for f in client.list_artifacts(fold_run.run_id, "checkpoint")] == ["checkpoint/last.pt"]
+    assert [f.path for f in client.list_artifacts(sweep_run.run_id)] == ["leaderboard.json"]
+    assert cli_main(args) == 0
+    assert "nothing pending" in capsys.readouterr().out
+
+    assert cli_main(["sweep", "sync", "nope", "--run-dir", str(run_dir)]) == 2
+    assert "no sweep 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a whole smoke sweep, about 90 s on a 2-core machine
+def test_a_sweep_whose_artifacts_cannot_be_written_exits_non_zero_and_sync_delivers_them(
+    tmp_path, monkeypatch, synthetic_data_dir
+):
+    """`cpews sweep run` with the local artifact store blocked: the sweep trains, its runs end and its metrics
+    are in MLflow, but it exits 1 and its last line counts the artifacts still pending; `cpews sweep sync`
+    delivers every one of them once the store is writable (each fold's checkpoint, the sweep's leaderboard)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_dir = tmp_path / "runs"
+    blocked = run_dir / "mlflow" / "artifacts"
+    block(blocked)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "cpews", "sweep"]
+    result = subprocess.run(
+        [*command, "run", "demo", "--smoke", "--name", "blocked", "--run-dir", str(run_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    count = int(last.split()[0])
+    assert last == f"{count} artifacts pending: run `cpews sweep sync blocked`" and count > 0
+    assert spool_backlog(run_dir / "sweeps" / "blocked") == (count, count, spool_backlog(run_dir).last_error)
+    client = MlflowClient(default_tracking_uri(run_dir))
+    runs = client.search_runs([client.get_experiment_by_name("blocked").experiment_id])
+    assert runs and all(run.info.status == "FINISHED" for run in runs)
+
+    blocked.unlink()
+    result = subprocess.run(
+        [*command, "sync", "blocked", "--run-dir", str(run_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"sweep blocked: {count} artifacts delivered to MLflow"
+    assert spool_backlog(run_dir) == Backlog(0, 0)
+    for run in runs:
+        names = {f.path for f in client.list_artifacts(run.info.run_id)}
+        kind = run.data.tags["cpews.kind"]
+        if kind == "sweep":
+            assert {"leaderboard.json", "sweep.yaml", "folds.json"} <= names
+        elif kind == "fold":
+            assert "checkpoint" in names, run.info.run_name
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a whole smoke sweep with a retried trial, about 60 s on a 2-core machine
+def test_a_retried_trial_logs_each_metric_step_once(tmp_path, monkeypatch, synthetic_data_dir):
+    """A trial's worker SIGKILLs itself in fold 1 after logging steps past its checkpoint at iteration 4; Tune
+    retries it from that checkpoint, and the steps after it are trained (and reported) again. Every metric of
+    every run of the sweep holds each step once."""
+    import ray
+
+    from orchestration.search_space import apply_overrides, load_sweep, smoke, validate_sweep
+    from orchestration.sweep import run_sweep
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    data = smoke(load_sweep("demo", check_paths=False)).to_dict()
+    data = apply_overrides(
+        data, ["search.num_trials=1", "scheduler.type=fifo", "name=relog", "tracking.experiment=relog"]
+    )
+    try:
+        outcome = run_sweep(
+            validate_sweep(data, check_paths=False),
+            run_dir=tmp_path / "runs",
+            out=lambda line: None,
+            faults={"kill_at": (1, 5)},
+        )
+    finally:
+        ray.shutdown()
+    (row,) = outcome.rows
+    assert "SIGKILL at fold 1" in (Path(row["path"]) / "fault_injected").read_text()
+    assert (Path(row["path"]) / "folds_started.log").read_text().split("\n")[:3] == ["0 0", "1 0", "1 4"]
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([outcome.experiment_id])
+    checked = 0
+    for run in runs:
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key, sorted(steps))
+            checked += 1
+    fold_1 = next(r for r in runs if r.info.run_name.endswith("fold_1"))
+    assert [m.step for m in client.get_metric_history(fold_1.info.run_id, "train/loss")] != []
+    assert checked > 20
+    assert outcome.pending == 0

@@ -49,21 +49,95 @@ def test_searcher_reports_fold_ends_only() -> None:
     assert trial.intermediate_values == {1: 0.2, 2: 0.25}
 
 
+def test_searcher_gets_the_fold_end_on_which_tune_stops_a_trial() -> None:
+    """Tune passes the result on which a trial is stopped (ASHA's cut; ASHA's stop at max_t after the last
+    fold) to `on_trial_complete` only, never to `on_trial_result`: that fold end still reaches Optuna, once."""
+    import warnings
+
+    import optuna
+
+    from orchestration.search_space import load_sweep, smoke
+    from orchestration.trial import CV_MEAN, FOLD_END, FOLDS_COMPLETED
+    from orchestration.tune_runner import make_searcher
+
+    searcher = make_searcher(smoke(load_sweep("demo", check_paths=False)))  # k = 2
+    searcher.suggest("cut"), searcher.suggest("full"), searcher.suggest("fifo")
+    # cut by ASHA at its first rung: the fold-end result goes to on_trial_complete alone
+    searcher.on_trial_result("cut", {CV_MEAN: math.nan, FOLDS_COMPLETED: 0, FOLD_END: 0.0})
+    searcher.on_trial_complete("cut", {CV_MEAN: 0.3, FOLDS_COMPLETED: 1, FOLD_END: 1.0})
+    # passed the cut; ASHA stops it at max_t on its last fold end
+    searcher.on_trial_result("full", {CV_MEAN: 0.4, FOLDS_COMPLETED: 1, FOLD_END: 1.0})
+    searcher.on_trial_complete("full", {CV_MEAN: 0.45, FOLDS_COMPLETED: 2, FOLD_END: 1.0})
+    # FIFO: the last fold end comes through on_trial_result, then again with the completion (not twice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns when a step is reported twice
+        for done, mean in ((1, 0.2), (2, 0.25)):
+            searcher.on_trial_result("fifo", {CV_MEAN: mean, FOLDS_COMPLETED: done, FOLD_END: 1.0})
+        searcher.on_trial_complete("fifo", {CV_MEAN: 0.25, FOLDS_COMPLETED: 2, FOLD_END: 1.0})
+    cut, full, fifo = searcher._ot_study.get_trials(deepcopy=False)
+    State = optuna.trial.TrialState
+    assert (cut.state, cut.intermediate_values) == (State.PRUNED, {1: 0.3})
+    assert (full.state, full.intermediate_values, full.value) == (State.COMPLETE, {1: 0.4, 2: 0.45}, 0.45)
+    assert (fifo.state, fifo.intermediate_values) == (State.COMPLETE, {1: 0.2, 2: 0.25})
+
+
 @pytest.mark.parametrize(
-    ("status", "last", "expected"),
+    ("status", "last", "stopped_by", "expected"),
     [
-        ("TERMINATED", {"cv/folds_completed": 3}, "completed"),
-        ("TERMINATED", {"cv/folds_completed": 1}, "pruned"),
-        ("ERROR", {"cv/folds_completed": 3}, "failed"),
-        ("RUNNING", {"cv/folds_completed": 1}, "interrupted"),
-        ("PAUSED", {}, "interrupted"),
-        ("PENDING", {}, "pending"),
+        ("TERMINATED", {"cv/folds_completed": 3}, None, "completed"),
+        ("TERMINATED", {"cv/folds_completed": 3}, "time_budget", "completed"),
+        ("TERMINATED", {"cv/folds_completed": 1}, "scheduler", "pruned"),
+        ("TERMINATED", {"cv/folds_completed": 1}, None, "pruned"),  # a sweep from before stops were recorded
+        ("TERMINATED", {"cv/folds_completed": 2}, "time_budget", "timeout"),
+        ("TERMINATED", {}, "time_budget", "timeout"),  # stopped by the budget before it started
+        ("ERROR", {"cv/folds_completed": 3}, None, "failed"),
+        ("RUNNING", {"cv/folds_completed": 1}, None, "interrupted"),
+        ("PAUSED", {}, None, "interrupted"),
+        ("PENDING", {}, None, "pending"),
     ],
 )
-def test_trial_outcome(status: str, last: dict, expected: str) -> None:
+def test_trial_outcome(status: str, last: dict, stopped_by: str | None, expected: str) -> None:
     from orchestration.tune_runner import trial_outcome
 
-    assert trial_outcome(status, last, 3) == expected
+    assert trial_outcome(status, last, 3, stopped_by) == expected
+
+
+def test_scheduler_and_time_budget_record_their_stops(tmp_path) -> None:
+    """ASHA writes down the trial it cuts (not the one it stops at max_t after its last fold); the budget
+    stopper writes down once that it ran out; `read_stop_reasons` tells the two apart."""
+    import time
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestration.search_space import load_sweep, smoke
+    from orchestration.trial import CV_MEAN, FOLDS_COMPLETED
+    from orchestration.tune_runner import BudgetStopper, make_scheduler, read_stop_reasons
+
+    stops = tmp_path / "stops.jsonl"
+    spec = smoke(load_sweep("demo", check_paths=False))  # k = 2, grace 1, factor 2
+    scheduler = make_scheduler(spec, stops)
+    scheduler.set_search_properties(spec.objective.metric, spec.objective.mode)
+    good, bad = Trial("cv_trial", stub=True), Trial("cv_trial", stub=True)
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, good, {CV_MEAN: 0.6, FOLDS_COMPLETED: 1}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {CV_MEAN: 0.2, FOLDS_COMPLETED: 1}) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, good, {CV_MEAN: 0.6, FOLDS_COMPLETED: 2}) == TrialScheduler.STOP
+    reasons = read_stop_reasons(stops)
+    assert reasons.scheduler == {bad.trial_id} and not reasons.time_budget
+    assert (reasons.of(bad.trial_id), reasons.of(good.trial_id)) == ("scheduler", None)
+
+    budget = BudgetStopper(0.2, str(stops))
+    assert budget.stop_all() is False  # the clock starts at the first check
+    time.sleep(0.3)
+    assert budget.stop_all() is True and budget.stop_all() is True
+    with open(stops, "a") as handle:
+        handle.write('{"reason": "sched')  # a torn last line is skipped
+    reasons = read_stop_reasons(stops)
+    assert reasons.time_budget and reasons.scheduler == {bad.trial_id}
+    assert (reasons.of(bad.trial_id), reasons.of(good.trial_id)) == ("scheduler", "time_budget")
+    assert sum('"time_budget"' in line for line in stops.read_text().splitlines()) == 1
 
 
 def test_asha_stops_on_fold_boundaries_only() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +16,7 @@ import torch
 from cpews.config import TrainConfig, load_config
 from cpews.data import read_split_ids
 from cpews.model import build_model
-from cpews.prototypes import POOL_KEYS, load_pool
+from cpews.prototypes import POOL_KEYS, Pool, load_pool, save_pool
 from cpews.training import TrainHooks, TrainState, keys, load_checkpoint, train
 from cpews.training.data import DATA_DIR_ENV, resolve_data_root
 from cpews.training.prototype_hooks import (
@@ -24,6 +25,7 @@ from cpews.training.prototype_hooks import (
     STAT_PDL_RMS_POS,
     STAT_SSL_TOKENS,
     PrototypeModule,
+    build_model_pool,
     pdl_weight,
     pool_build_iterations,
     pool_from_checkpoint,
@@ -312,3 +314,153 @@ def test_pool_cache_hit_when_images_model_and_settings_match(data_dir, tmp_path)
     assert runs["first"].meta["content_key"] == runs["second"].meta["content_key"] != runs["other_k"].meta["content_key"]
     for key in POOL_KEYS:
         assert torch.equal(runs["first"].tensors[key], runs["second"].tensors[key])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A pool cache entry that cannot be trusted: reported, moved aside, rebuilt.
+# ------------------------------------------------------------------------------------------------------------
+
+
+class CacheCase(NamedTuple):
+    cfg: TrainConfig
+    model: torch.nn.Module
+    data_root: Path
+    entry: Path  # the cache file of this model, images and settings
+    pool: Pool  # the pool it holds (built once)
+
+
+def _cache_build(case: CacheCase, messages: list[str] | None = None) -> Pool:
+    return build_model_pool(case.cfg, case.model, data_root=case.data_root, train_ids=None, out_dir=None,
+                            iteration=2, progress=None if messages is None else messages.append)
+
+
+@pytest.fixture
+def cache_case(data_dir, tmp_path) -> CacheCase:
+    cfg = _config(f"proto.cache_dir={tmp_path / 'cache'}")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    pool = build_model_pool(cfg, model, data_root=data_dir, train_ids=None, out_dir=None, iteration=2, progress=None)
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    assert entry.name == f"{pool.meta['content_key']}.pt" and pool.meta["cache"] == "miss"
+    return CacheCase(cfg, model, data_dir, entry, pool)
+
+
+def _rebuilt(case: CacheCase, capfd, what: str) -> str:
+    """Build again over the bad entry: one warning naming it and `what`; the pool is the right one, rebuilt and
+    stored; the bad file lies beside it as `<name>.bad-<time>`; the next build is a hit. Returns the warning."""
+    capfd.readouterr()
+    messages: list[str] = []
+    pool = _cache_build(case, messages)
+    (warning,) = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert warning.startswith(f"cpews: warning: pool cache: prototype pool {str(case.entry)!r}"), warning
+    assert what in warning and warning.endswith(", building the pool again"), warning
+    (aside,) = case.entry.parent.glob(f"{case.entry.name}.bad-*")
+    assert f"moved aside to {aside.name!r}" in warning
+    assert pool.meta["cache"] == "miss" and [m.split()[2] for m in messages if m.startswith("pool cache:")] == ["miss,"]
+    for key in POOL_KEYS:
+        assert torch.equal(pool.tensors[key], case.pool.tensors[key]), key
+        assert torch.equal(case.model.pool()[key], case.pool.tensors[key]), key  # installed in the model
+    assert load_pool(case.entry).meta["content_key"] == case.pool.meta["content_key"]
+    assert _cache_build(case).meta["cache"] == "hit"
+    return warning
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated ("),
+        (lambda p: p.write_bytes(bytes(range(256)) * 8), "not a PyTorch file"),
+        (lambda p: p.write_bytes(b""), "empty file"),
+    ],
+    ids=["truncated", "garbage", "empty"],
+)
+def test_a_damaged_cache_entry_is_moved_aside_and_rebuilt(cache_case, capfd, damage, what):
+    damage(cache_case.entry)
+    damaged = cache_case.entry.read_bytes()
+    _rebuilt(cache_case, capfd, what)
+    (aside,) = cache_case.entry.parent.glob(f"{cache_case.entry.name}.bad-*")
+    assert aside.read_bytes() == damaged  # kept as it was, for a look, with its meta beside it
+    assert aside.with_name(aside.name.replace(".pt.bad-", ".json.bad-")).is_file()
+
+
+def test_a_pool_of_another_content_key_is_not_used(cache_case, data_dir, tmp_path, capfd):
+    """A valid pool of the same shapes (another k-means seed) stored under this key's name: refused, rebuilt."""
+    other_cfg = _config(f"proto.cache_dir={tmp_path / 'other'}", "proto.kmeans_seed=7")
+    other = build_model_pool(other_cfg, cache_case.model, data_root=data_dir, train_ids=None, out_dir=None,
+                             iteration=2, progress=None)
+    assert other.meta["content_key"] != cache_case.pool.meta["content_key"]
+    assert all(other.tensors[k].shape == cache_case.pool.tensors[k].shape for k in POOL_KEYS)
+    (other_entry,) = (tmp_path / "other").glob("*.pt")
+    shutil.copyfile(other_entry, cache_case.entry)
+    warning = _rebuilt(cache_case, capfd, f"holds content key {other.meta['content_key'][:16]}..., not the expected")
+    assert cache_case.pool.meta["content_key"][:16] in warning
+
+
+def test_a_pool_of_another_shape_is_not_a_hit(cache_case, capfd):
+    """The right content key, but tensors of 2 prototypes where the model's pool holds 3."""
+    pool = load_pool(cache_case.entry)
+    save_pool(cache_case.entry, Pool({k: v[:, :2] if v.dim() > 1 else v for k, v in pool.tensors.items()}, pool.meta))
+    _rebuilt(cache_case, capfd, "tensor 'pos' has shape (6, 2, ")
+
+
+def test_a_tensor_that_disagrees_with_its_recorded_shape_is_damaged(cache_case, capfd):
+    payload = torch.load(cache_case.entry, weights_only=True)
+    payload["tensors"]["neg"] = payload["tensors"]["neg"][:, :1]
+    torch.save(payload, cache_case.entry)
+    _rebuilt(cache_case, capfd, "is damaged: tensor 'neg' has shape (6, 1, ")
+
+
+@pytest.mark.integration
+def test_a_bad_pool_on_s3_is_replaced_and_a_bad_local_copy_is_fetched_again(data_dir, tmp_path, monkeypatch, capfd):
+    """Against moto's S3 server on 127.0.0.1: garbage stored in the bucket is reported, rebuilt and replaced there;
+    a damaged local copy of a good remote entry is fetched again (a hit, nothing rebuilt)."""
+    import boto3
+
+    from cpews.data.remote import local_cache_dir
+    from orchestration.services import moto_s3
+
+    server = moto_s3(tmp_path / "moto")
+    server.start()
+    try:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{server.port}",
+                            DATA_DIR_ENV: str(tmp_path / "local")}.items():
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="pools")
+        cfg = _config("proto.cache_dir=s3://pools/cpm")
+        torch.manual_seed(0)
+        model = build_model(cfg, num_classes=NUM_CLASSES)
+
+        def build(messages: list[str]) -> Pool:
+            return build_model_pool(cfg, model, data_root=data_dir, train_ids=None, out_dir=None, iteration=2,
+                                    progress=messages.append)
+
+        first = build([])
+        key = f"cpm/{first.meta['content_key']}.pt"
+        remote = f"s3://pools/{key}"
+        local = local_cache_dir() / "pools" / f"{first.meta['content_key']}.pt"
+        # garbage in the bucket, nothing on this machine: fetched, refused, rebuilt, and replaced in the bucket
+        client.put_object(Bucket="pools", Key=key, Body=bytes(range(256)) * 8)
+        shutil.rmtree(local_cache_dir())
+        capfd.readouterr()
+        messages: list[str] = []
+        second = build(messages)
+        (warning,) = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+        assert warning.startswith(f"cpews: warning: pool cache: prototype pool {str(local)!r}: not a PyTorch file")
+        assert f"(a copy of {remote}); moved aside to " in warning and warning.endswith(", building the pool again")
+        assert second.meta["cache"] == "miss" and any(m == f"pool cache: miss, stored {remote}" for m in messages)
+        replaced = client.get_object(Bucket="pools", Key=key)["Body"].read()
+        assert replaced == local.read_bytes() and load_pool(local).meta["content_key"] == first.meta["content_key"]
+        # a truncated local copy of the good entry: fetched again, a hit
+        local.write_bytes(local.read_bytes()[:100])
+        messages = []
+        third = build(messages)
+        (warning,) = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+        assert "truncated (100 bytes" in warning and warning.endswith(", fetching it again")
+        assert third.meta["cache"] == "hit" and messages == [f"pool cache: hit {remote}"]
+        for name in POOL_KEYS:
+            assert torch.equal(third.tensors[name], first.tensors[name])
+    finally:
+        server.stop()
