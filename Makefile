@@ -13,7 +13,7 @@ UI_PORT ?= 5000
 SWEEP ?=
 PROMOTE_ARGS ?=
 
-.PHONY: install test test-all test-integration lint pretrain train sweep ui promote clean
+.PHONY: install test test-all test-integration lint schema pretrain train sweep ui promote clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test-integration: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cpews orchestration tests benchmarks
+
+# The JSON Schema of sweep files that editors read (search_spaces/*.yaml name it on their first line); run it after
+# changing the sweep-file models or the config tree (tests/orchestration/test_search_space.py checks it is current).
+schema: $(STAMP)
+	$(PY) -m orchestration.search_space --schema > search_spaces/schema.json.tmp \
+		&& mv search_spaces/schema.json.tmp search_spaces/schema.json || { rm -f search_spaces/schema.json.tmp; exit 1; }
 
 # The backbone pretrained on the synthetic world (model.weights=synthetic); `make train` and `make sweep` make it
 # on first use, this target makes (or finds) it alone.

@@ -62,7 +62,7 @@ def main() -> int:
     iteration = int(pool_path.stem[len("pool_it"):])
     checkpoint = args.run_dir / f"iter_{iteration:07d}.pt"
     if not checkpoint.is_file():
-        raise SystemExit(f"pool_confounder: error: {checkpoint} missing (train with train.checkpoint_every={iteration})")
+        raise SystemExit(f"pool_confounder: error: {checkpoint} missing (train with train.checkpoint_every={iteration} train.keep_checkpoints=0)")
     loaded = load_model(checkpoint)
     cfg, names = loaded.cfg, loaded.class_names
     label = names.index("boat")

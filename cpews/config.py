@@ -203,6 +203,7 @@ class TrainLoopConfig:
     amp: Literal["off", "bf16"] = "bf16"  # bf16 autocast, applied on CUDA only [D]
     log_every: int = ranged(50, AT_LEAST_1)  # [I]
     checkpoint_every: int = ranged(2000, AT_LEAST_0)  # periodic checkpoints besides last.pt; 0 = none [I]
+    keep_checkpoints: int = ranged(2, AT_LEAST_0)  # newest periodic ones kept while running (resume's fallbacks), none after; 0 = all [I]
     check_finite_every: int = ranged(10, AT_LEAST_1)  # non-finite loss check interval (a device sync) [I]
 
 

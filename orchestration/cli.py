@@ -376,13 +376,11 @@ def cmd_sweep_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_leaderboard(args: argparse.Namespace) -> int:
-    from orchestration.sweep import format_leaderboard, ranking_rule, read_leaderboard
+    from orchestration.sweep import format_leaderboard, leaderboard_json, read_leaderboard
 
     board = read_leaderboard(args.name, run_dir=_run_dir(args))
-    if args.json:  # stdout: the rows; stderr: where they come from and how they are ranked
-        print(json.dumps([{k: v for k, v in row.items() if k != "path"} for row in board.rows], indent=1))
-        print(f"leaderboard of sweep {args.name} from {board.source}; ranked {ranking_rule(board.spec)}",
-              file=sys.stderr)
+    if args.json:  # the same object as leaderboard.json: sweep, objective, ranking, source, trials
+        print(json.dumps(leaderboard_json(board), indent=1, sort_keys=True, default=str))  # as it is written
     else:
         print(format_leaderboard(board.rows, board.spec, source=board.source))
     return 0

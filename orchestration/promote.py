@@ -8,7 +8,8 @@ Steps of `promote(sweep)`:
    forwarded to this process), into `runs/sweeps/<sweep>/promotions/<time>-<trial>/`.
 3. Evaluate on the held-out split (the config's `data.val_split`, never seen by the search): single scale,
    multi-scale + flip (§9.3) and with the dense CRF, with per-image mIoU for the gate, beside the mIoU of
-   predicting background everywhere on the same images (`baseline_miou`). A candidate whose score (protocol
+   predicting background everywhere on the same images (`baseline_miou`), with a progress bar on a terminal
+   (`ScoringProgress`; a line every `PROGRESS_LINE_EVERY_S` otherwise). A candidate whose score (protocol
    `metric`) does not beat that floor is refused (`baseline_check`, `PromotionRefused`): nothing is logged or
    registered, unless `force`. A held-out score more than `CV_DROP_STDS` fold stds below the trial's CV mean
    is a warning (`cv_drop_warning`).
@@ -26,8 +27,8 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ __all__ = [
     "GateResult",
     "PromotionError",
     "PromotionRefused",
+    "ScoringProgress",
     "Selection",
     "baseline_check",
     "cv_drop_warning",
@@ -60,6 +62,8 @@ GATE_METRICS = {"seg": "miou_seg", "seg_msf": "miou_seg_msf", "seg_crf": "miou_s
 # the all-background mIoU of the images each protocol scored: baseline_miou_seg, baseline_miou_seg_msf, ...
 BASELINE_KEYS = {name: f"baseline_{key}" for name, key in GATE_METRICS.items()}
 CV_DROP_STDS = 3.0  # warn when the held-out score falls more than this many fold stds below the CV mean
+PROGRESS_LINE_EVERY_S = 10.0  # without a terminal, a scoring progress line at most this often
+PROTOCOL_NAMES = {"seg": "single scale", "seg_msf": "multi-scale + flip", "seg_crf": "multi-scale + flip + CRF"}
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 Printer = Callable[[str], None]
 
@@ -232,6 +236,35 @@ def _refit_task(flat: dict[str, Any], out_dir: str, threads: int) -> dict[str, A
             "metrics": result.metrics}
 
 
+class ScoringProgress:
+    """`evaluate`'s `progress` callback while scoring held-out images: a bar on stderr when `bar` (a terminal,
+    `cpews.training.progress.ProgressDisplay`), else a line through `out` at most every `every_s` seconds (the
+    finished protocol is reported by its score line, not here)."""
+
+    def __init__(self, title: str, out: Printer, *, bar: bool, every_s: float = PROGRESS_LINE_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.title, self.out, self.bar, self.every_s, self.clock = title, out, bar, every_s, clock
+        self.started = self.last = clock()
+        self.display: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if self.bar:
+            if self.display is None:
+                from cpews.training.progress import ProgressDisplay
+
+                self.display = ProgressDisplay(total, True)
+            self.display.update(done, f"{self.title} ({now - self.started:.0f} s)")
+        elif done < total and now - self.last >= self.every_s:
+            self.last = now
+            self.out(f"{self.title}: {done}/{total} images ({now - self.started:.0f} s)")
+
+    def close(self) -> None:
+        """End the bar's line (nothing to do for lines)."""
+        if self.display is not None:
+            self.display.close()
+
+
 def _evaluate_heldout(loaded: Any, cfg: Any, data_root: Path, split: str, out: Printer, label: str) -> dict[str, Any]:
     """Held-out scores of a loaded model: single scale, multi-scale + flip, + CRF; per-image mIoU of each."""
     import torch
@@ -244,11 +277,17 @@ def _evaluate_heldout(loaded: Any, cfg: Any, data_root: Path, split: str, out: P
     scores: dict[str, Any] = {"images": len(dataset), "split": split, "per_image": {}}
     protocols = {"seg": {"final_protocol": False}, "seg_msf": {"final_protocol": True},
                  "seg_crf": {"final_protocol": True, "crf": True}}
+    out(f"{label}: scoring {len(dataset)} held-out {split} images, {len(protocols)} protocols "
+        f"({', '.join(PROTOCOL_NAMES[name] for name in protocols)})")
     with torch.no_grad():
         for name, options in protocols.items():
             started = time.perf_counter()
-            result = evaluate(loaded.model, dataset, loaded.cfg, class_names=loaded.class_names, device=device,
-                              data_root=data_root, per_image=True, **options)
+            progress = ScoringProgress(f"{label} {PROTOCOL_NAMES[name]}", out, bar=sys.stderr.isatty())
+            try:
+                result = evaluate(loaded.model, dataset, loaded.cfg, class_names=loaded.class_names,
+                                  device=device, data_root=data_root, per_image=True, progress=progress, **options)
+            finally:
+                progress.close()
             key = "miou_seg_crf" if name == "seg_crf" else "miou_seg"
             scores[GATE_METRICS[name]] = result.metrics[key]
             scores[BASELINE_KEYS[name]] = result.metrics["baseline_miou"]
@@ -418,9 +457,7 @@ def promote(
                       "baseline_check": check._asdict(), "warnings": decision["warnings"]}
         (work / "evaluation.json").write_text(json.dumps(finite(evaluation), indent=1, default=str))
         mlflow.log_artifact(str(work / "evaluation.json"))
-        with warnings.catch_warnings():  # MLflow asks for type hints on predict; inputs are checked in as_images
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-            info = _log_pyfunc(weights, sha, loaded.class_names, sweep, row["trial"])
+        info = _log_pyfunc(weights, sha, loaded.class_names, sweep, row["trial"])
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, model_name)
     tags = {
@@ -460,18 +497,41 @@ def promote(
 
 
 def _log_pyfunc(weights: Path, sha: str, class_names: Sequence[str], sweep: str, trial: str) -> Any:
-    """Log the pyfunc (as code) with the weights, their sha256 and the cpews source into the active run."""
+    """Log the pyfunc (as code) with the weights, their sha256 and the cpews source into the active run.
+
+    The signature comes from `CpewsSegmenter.predict`'s type hints: inputs `list[str]` (a string per image),
+    outputs `list[np.ndarray]`, which MLflow records as "any" (it has no array type) after an INFO line saying
+    so; that line is dropped here, it would read as a failure.
+    """
+    import logging
+
     import mlflow
 
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(PYFUNC_FILE),
-        artifacts={"weights": str(weights)},
-        model_config={"weights_sha256": sha, "class_names": list(class_names), "crf": False, "device": "auto",
-                      "sweep": sweep, "trial": trial},
-        code_paths=[str(Path(__file__).resolve().parents[1] / "cpews")],
-        pip_requirements=_requirements(),
-    )
+    signature_logger = logging.getLogger("mlflow.models.signature")
+    output_note = _DropMessages("Failed to infer output type hint")
+    signature_logger.addFilter(output_note)
+    try:
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"weights": str(weights)},
+            model_config={"weights_sha256": sha, "class_names": list(class_names), "crf": False,
+                          "device": "auto", "sweep": sweep, "trial": trial},
+            code_paths=[str(Path(__file__).resolve().parents[1] / "cpews")],
+            pip_requirements=_requirements(),
+        )
+    finally:
+        signature_logger.removeFilter(output_note)
+
+
+class _DropMessages:
+    """A logging filter that drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def filter(self, record: Any) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def _champion_version(client: Any, name: str) -> Any:

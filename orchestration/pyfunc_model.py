@@ -5,17 +5,19 @@ optimizer state) are read with `torch.load(weights_only=True)` only after their 
 recorded when the model was logged (`model_config["weights_sha256"]`).
 
     model = mlflow.pyfunc.load_model("models:/cpews@champion")
-    labels = model.predict(["a.jpg", "b.png"])          # or an (H, W, 3) / (N, H, W, 3) uint8 array, or a list
+    labels = model.predict(["a.jpg", "b.png"])
     labels[0]                                            # (H, W) uint8 label map, 0 = background
 
-Input: a path, an (H, W, 3) uint8 array, an (N, H, W, 3) array, a list or tuple of paths/arrays, or a pandas
-DataFrame whose `image` column (else first column) holds them. Output: a list of (H, W) uint8 label maps, one
-per image, in the §9.3 protocol (multi-scale + flip; dense CRF when the model was logged with `crf: true`).
+Input: a list of image paths (`list[str]`; MLflow also turns a one-column pandas DataFrame of paths into that
+list). Output: a list of (H, W) uint8 label maps, one per image, in the §9.3 protocol (multi-scale + flip; dense
+CRF when the model was logged with `crf: true`). `predict`'s type hints give the model its signature (inputs: a
+string per image, its path; outputs: any, since MLflow has no array type) and make MLflow check the input before
+`predict` runs. To segment in-memory arrays, use `cpews.evaluation.segment_image` on the loaded model
+(`model.unwrap_python_model().loaded`).
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,6 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 WEIGHTS_ARTIFACT = "weights"
-# MLflow suggests type hints on `predict` at every load; inputs are checked by `as_images` instead.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class WeightsIntegrityError(ValueError):
@@ -46,34 +46,12 @@ def verify_weights(path: str | Path, expected: str | None) -> None:
         )
 
 
-def as_images(model_input: Any) -> list[np.ndarray]:
-    """The images of a pyfunc input (see the module docstring) as (H, W, 3) uint8 arrays."""
+def as_images(paths: list[str]) -> list[np.ndarray]:
+    """The images at `paths` as (H, W, 3) uint8 arrays; all are read before any is segmented, so a bad file
+    fails with its name before any work is done."""
     from cpews.evaluation.infer import read_rgb
 
-    if hasattr(model_input, "columns") and hasattr(model_input, "iloc"):  # a pandas DataFrame
-        column = "image" if "image" in model_input.columns else model_input.columns[0]
-        model_input = list(model_input[column])
-    if isinstance(model_input, (str, Path)):
-        model_input = [model_input]
-    if isinstance(model_input, np.ndarray):
-        if model_input.ndim == 3:
-            model_input = [model_input]
-        elif model_input.ndim == 4:
-            model_input = list(model_input)
-        else:
-            raise ValueError(f"expected an (H, W, 3) or (N, H, W, 3) array, got shape {model_input.shape}")
-    images = []
-    for i, item in enumerate(model_input):
-        if isinstance(item, (str, Path)):
-            images.append(read_rgb(item))
-            continue
-        array = np.asarray(item)
-        if array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"input {i}: expected an (H, W, 3) image, got shape {array.shape}")
-        if array.dtype != np.uint8:
-            raise ValueError(f"input {i}: expected uint8 pixels, got {array.dtype}")
-        images.append(np.ascontiguousarray(array))
-    return images
+    return [read_rgb(path) for path in paths]
 
 
 class CpewsSegmenter(PythonModel):
@@ -93,7 +71,8 @@ class CpewsSegmenter(PythonModel):
         self.loaded = load_model(weights, device)
         self.crf = bool(config.get("crf", False))
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """Segment the images at the paths in `model_input`; one (H, W) uint8 label map per image."""
         from cpews.evaluation.infer import segment_image
 
         return [segment_image(self.loaded, rgb, crf=self.crf) for rgb in as_images(model_input)]

@@ -3,9 +3,9 @@
 A sweep file (YAML, documented with an example in `search_spaces/README.md`) names a base config, fixed
 overrides of the config tree, a search space over dotted config keys, and how to search it (algorithm,
 trials, concurrency, folds, scheduler, per-trial resources, objective, time budget, MLflow experiment).
-`load_sweep` parses and validates it completely before any trial starts: every error is a `SweepFileError`
-whose message begins with the file path and names the offending key path (`search.algoritm`,
-`space.loss.pdl_weight.loguniform`) and value.
+`load_sweep` parses its structure into pydantic models (`SweepFile`; their JSON Schema, `json_schema`, is
+search_spaces/schema.json for editors), then validates it against the config tree, before any trial starts:
+every error is a `SweepFileError` whose lines begin with the file path and name the key path and value.
 
 Validation also checks, before any trial starts, what would otherwise fail in every trial: values outside
 their config field's range (fixed values, categorical choices, the bounds of a searched range), an objective
@@ -23,19 +23,35 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_origin
+from typing import Annotated, Any, Literal, Protocol, get_args, get_origin
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticCustomError
 
 from cpews.config import (
     SYNTHETIC_WEIGHTS,
     ConfigError,
+    Range,
     Scalar,
     TrainConfig,
     check_range,
@@ -57,12 +73,15 @@ __all__ = [
     "ResourceSettings",
     "SchedulerSettings",
     "SearchSettings",
+    "SpaceEntry",
     "SuggestTrial",
+    "SweepFile",
     "SweepFileError",
     "SweepSpec",
     "TrackingSettings",
     "apply_overrides",
     "flat_params",
+    "json_schema",
     "load_sweep",
     "optuna_define_by_run",
     "optuna_distributions",
@@ -79,21 +98,8 @@ DEFAULT_OBJECTIVE_METRIC = "cv/miou_seg_mean"
 DISTRIBUTION_KINDS: tuple[str, ...] = ("uniform", "loguniform", "int", "categorical")
 SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
-_TOP_LEVEL_KEYS = (
-    "name",
-    "description",
-    "base_config",
-    "fixed",
-    "space",
-    "search",
-    "folds",
-    "scheduler",
-    "resources",
-    "objective",
-    "time_budget_s",
-    "tracking",
-)
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_ALL_CONFIG_KEYS: tuple[str, ...] = tuple(TrainConfig().to_flat_dict())
 
 # Smoke settings (see `smoke`): a few iterations, the pool still built half-way, a tiny synthetic set.
 _SMOKE_MAX_ITERS = 8
@@ -175,55 +181,198 @@ class Distribution:
 
     def to_dict(self) -> dict[str, Any]:
         """The sweep-file form (`{"loguniform": [0.05, 0.3]}`, `{"int": [4, 16], "step": 4}`, ...)."""
-        out: dict[str, Any] = {}
-        if self.kind == "categorical":
-            out["categorical"] = list(self.choices)
-        else:
-            out[self.kind] = [self.low, self.high]
-        if self.step is not None:
-            out["step"] = self.step
-        if self.when:
-            out["when"] = {key: list(values) if len(values) > 1 else values[0] for key, values in self.when}
-        return out
+        values = list(self.choices) if self.kind == "categorical" else [self.low, self.high]
+        when = {key: list(allowed) if len(allowed) > 1 else allowed[0] for key, allowed in self.when}
+        out = {self.kind: values, "step": self.step, "when": when}
+        return {key: value for key, value in out.items() if value not in (None, {})}
 
 
-@dataclass(frozen=True)
-class SearchSettings:
-    algorithm: Literal["tpe", "random"] = "tpe"  # Optuna TPESampler or RandomSampler
-    seed: int = 0  # sampler seed
-    num_trials: int = 10
-    max_concurrent: int = 1  # trials running at the same time
+# ------------------------------------------------------------------------------------------------------------
+# The file's structure (sections, keys, types, bounds, defaults): pydantic models, which also give its JSON Schema.
+# ------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FoldSettings:
-    k: int = 3
-    seed: int = 0
-    split: str = ""  # the split that is cut into folds; validation fills in the config's data.train_split
+def _not_bool(value: Any) -> Any:
+    """YAML's true/false are not numbers (pydantic's lax float would read them as 1.0/0.0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
 
 
-@dataclass(frozen=True)
-class SchedulerSettings:
+# A finite number; also a YAML 1.1 string such as "1e-3" (YAML 1.1 reads an exponent without a dot as a string).
+# Bounds go inside the BeforeValidator, where the JSON Schema sees them.
+_Number = Annotated[float, BeforeValidator(_not_bool)]
+_Positive = Annotated[float, Field(gt=0), BeforeValidator(_not_bool)]
+_Count = Annotated[StrictInt, Field(ge=1)]
+_NonEmpty = Annotated[str, Field(min_length=1)]
+_Bounds = Annotated[list[_Number], Field(min_length=2, max_length=2, description="[low, high]")]
+_IntBounds = Annotated[list[StrictInt], Field(min_length=2, max_length=2, description="[low, high]")]
+
+
+class _FileModel(BaseModel):
+    """A part of a sweep file: an unknown key is an error; `null` (`--set search.seed=null`) means the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, Mapping) else data
+
+
+class SearchSettings(_FileModel):
+    """How the space is searched (Optuna)."""
+
+    algorithm: Literal["tpe", "random"] = Field("tpe", description="Optuna's TPESampler or RandomSampler")
+    seed: StrictInt = Field(0, description="the sampler's seed")
+    num_trials: _Count = Field(10, description="configurations tried")
+    max_concurrent: _Count = Field(1, description="trials running at the same time")
+
+
+class FoldSettings(_FileModel):
+    """The K-fold cross-validation of each trial: it trains k times and is scored by the mean fold score."""
+
+    k: Annotated[StrictInt, Field(ge=2)] = 3
+    seed: StrictInt = Field(0, description="seed of the (multi-label stratified) fold assignment")
+    split: _NonEmpty | None = Field(None, description="the split cut into folds; default data.train_split")
+
+
+class SchedulerSettings(_FileModel):
+    """Early stopping of poor trials: ASHA (keeps 1/reduction_factor of the trials at each rung; its time unit
+    is the finished fold), or FIFO (none)."""
+
     type: Literal["asha", "fifo"] = "asha"
-    grace_period: int = 1  # in reports (Tune's training_iteration), not in training iterations
-    reduction_factor: float = 2.0
+    grace_period: _Count = Field(1, description="finished folds a trial reports before ASHA may stop it")
+    reduction_factor: Annotated[float, Field(gt=1), BeforeValidator(_not_bool)] = 2.0
 
 
-@dataclass(frozen=True)
-class ResourceSettings:
-    cpu: float = 1.0  # per trial
-    gpu: float = 0.0  # per trial; fractions below 1 share a GPU (no memory isolation)
+class ResourceSettings(_FileModel):
+    """What each trial reserves: CPUs, and a fraction of one GPU (0.5: two trials share it) or whole GPUs."""
+
+    cpu: _Positive = 1.0
+    gpu: Annotated[float, Field(ge=0), BeforeValidator(_not_bool)] = 0.0
 
 
-@dataclass(frozen=True)
-class ObjectiveSettings:
-    metric: str = DEFAULT_OBJECTIVE_METRIC
+class ObjectiveSettings(_FileModel):
+    """The score the search optimises: a key that every trial report holds."""
+
+    metric: _NonEmpty = DEFAULT_OBJECTIVE_METRIC
     mode: Literal["max", "min"] = "max"
 
 
-@dataclass(frozen=True)
-class TrackingSettings:
-    experiment: str = ""  # MLflow experiment; validation fills in the sweep name
+class TrackingSettings(_FileModel):
+    """Where MLflow records the sweep."""
+
+    experiment: _NonEmpty | None = Field(None, description="the MLflow experiment; default the sweep name")
+
+
+class SpaceEntry(_FileModel):
+    """How one config key is searched: exactly one of uniform, loguniform (low > 0), int and categorical."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [{"required": [k]} for k in DISTRIBUTION_KINDS],
+            "dependentRequired": {"step": ["int"]},
+        }
+    )
+    uniform: _Bounds | None = None
+    loguniform: _Bounds | None = None
+    int_: _IntBounds | None = Field(None, alias="int")
+    categorical: Annotated[list[Any], Field(min_length=1)] | None = None  # checked against the field
+    step: _Count | None = Field(None, description="of an int distribution; high - low a multiple of it")
+    when: Annotated[dict[str, Any], Field(min_length=1)] | None = Field(
+        None, description="{other.key: value or list}: sampled only when each named key takes one of them"
+    )
+
+    def given(self) -> dict[str, Any]:
+        """The distributions the entry gives, `{kind: [low, high] or choices}`."""
+        values = (self.uniform, self.loguniform, self.int_, self.categorical)
+        return {kind: value for kind, value in zip(DISTRIBUTION_KINDS, values) if value is not None}
+
+    @field_validator("step")
+    @classmethod
+    def _step_of_an_int(cls, step: int, info: ValidationInfo) -> int:
+        if any(info.data.get(kind) is not None for kind in ("uniform", "loguniform", "categorical")):
+            raise PydanticCustomError("step_of_int", "only an int distribution takes a step")
+        return step
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> SpaceEntry:
+        if len(self.given()) != 1:
+            found = ", ".join(self.given()) or "none"
+            message = f"needs exactly one of {', '.join(DISTRIBUTION_KINDS)} (found {found})"
+            raise PydanticCustomError("one_distribution", message)
+        return self
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def _value_schema(annotation: Any, valid: Range | None) -> dict[str, Any]:
+    """The JSON Schema of the values a config field of type `annotation` and range `valid` takes in a sweep file."""
+    if get_origin(annotation) is Literal:
+        return {"enum": list(get_args(annotation))}
+    if get_origin(annotation) is tuple:  # a list, a comma-separated string or a single number
+        item = _value_schema(get_args(annotation)[0], valid)
+        return {"anyOf": [{"type": "array", "items": item, "minItems": 1}, {"type": "string"}, item]}
+    schema: dict[str, Any] = {"type": _JSON_TYPES[annotation]}
+    if valid is not None and valid.low is not None:
+        schema["exclusiveMinimum" if valid.low_open else "minimum"] = valid.low
+    if valid is not None and valid.high is not None:
+        schema["exclusiveMaximum" if valid.high_open else "maximum"] = valid.high
+    return schema
+
+
+def _fixed_schema(schema: dict[str, Any]) -> None:
+    """`fixed`: every config key, dotted (`loss.ism_weight: 0.3`) or in its section (`loss: {ism_weight: 0.3}`)."""
+    sections: dict[str, dict[str, Any]] = {}
+    properties: dict[str, Any] = {}
+    for key in _ALL_CONFIG_KEYS:
+        section, _, name = key.partition(".")
+        value = _value_schema(field_annotation(key), field_range(key))
+        properties[key] = sections.setdefault(section, {})[name] = value
+    for section, fields in sections.items():
+        properties[section] = {"type": "object", "properties": fields, "additionalProperties": False}
+    schema.update(properties=properties, additionalProperties=False)
+
+
+class SweepFile(_FileModel):
+    """A sweep file (search_spaces/README.md): the config trials start from, what is fixed, searched and how."""
+
+    name: Annotated[str, Field(pattern=_NAME_PATTERN)] | None = Field(None, description="default: file name")
+    description: str = ""
+    base_config: _NonEmpty = Field(DEFAULT_BASE_CONFIG, description="a preset or a config YAML path")
+    fixed: dict[str, Any] = Field(default_factory=dict, json_schema_extra=_fixed_schema)
+    space: dict[str, SpaceEntry] = Field(  # every config key (dotted) -> a distribution
+        default_factory=dict,
+        json_schema_extra=lambda s: s.update(
+            properties=dict.fromkeys(_ALL_CONFIG_KEYS, s["additionalProperties"]), additionalProperties=False
+        ),
+    )
+    search: SearchSettings = SearchSettings()
+    folds: FoldSettings = FoldSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    resources: ResourceSettings = ResourceSettings()
+    objective: ObjectiveSettings = ObjectiveSettings()
+    time_budget_s: _Positive | None = Field(None, description="then unfinished trials end as timeout")
+    tracking: TrackingSettings = TrackingSettings()
+
+
+class _FileSchema(GenerateJsonSchema):
+    """`null` is the default, that is a key left out: the schema of a key that may be null is its value's."""
+
+    def nullable_schema(self, schema: Any) -> dict[str, Any]:
+        return self.generate_inner(schema["schema"])
+
+    def default_schema(self, schema: Any) -> dict[str, Any]:  # a section's defaults show on its keys
+        out = super().default_schema(schema)
+        return {k: v for k, v in out.items() if k != "default" or not (v is None or isinstance(v, dict))}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a sweep file, published as search_spaces/schema.json (`make schema`) for editors."""
+    schema = SweepFile.model_json_schema(schema_generator=_FileSchema)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 @dataclass(frozen=True)
@@ -291,21 +440,11 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The sweep-file form of this spec (defaults filled in); `validate_sweep` of it gives an equal spec."""
-        out: dict[str, Any] = {"name": self.name}
-        if self.description:
-            out["description"] = self.description
-        out["base_config"] = self.base_config
-        out["fixed"] = dict(self.fixed)
-        out["space"] = {d.key: d.to_dict() for d in self.space}
-        out["search"] = dataclasses.asdict(self.search)
-        out["folds"] = dataclasses.asdict(self.folds)
-        out["scheduler"] = dataclasses.asdict(self.scheduler)
-        out["resources"] = dataclasses.asdict(self.resources)
-        out["objective"] = dataclasses.asdict(self.objective)
-        if self.time_budget_s is not None:
-            out["time_budget_s"] = self.time_budget_s
-        out["tracking"] = dataclasses.asdict(self.tracking)
-        return out
+        out = {"name": self.name, "description": self.description, "base_config": self.base_config}
+        out.update(fixed=dict(self.fixed), space={d.key: d.to_dict() for d in self.space})
+        for section in ("search", "folds", "scheduler", "resources", "objective", "tracking"):
+            out[section] = getattr(self, section).model_dump()
+        return {**out, "time_budget_s": self.time_budget_s}
 
     def to_yaml(self) -> str:
         """`to_dict` as YAML (for logging the resolved sweep as an artifact)."""
@@ -481,7 +620,7 @@ def validate_sweep(
             that a local `model.weights` / `proto.checkpoint` file exists.
 
     Raises:
-        SweepFileError: naming the key path and the value.
+        SweepFileError: naming the key path and the value (one line per problem the parse finds).
     """
     return _Validator(str(source) if source is not None else None).run(
         data, default_name=default_name, available=available, check_paths=check_paths
@@ -496,90 +635,60 @@ def _hint(word: str, candidates: Sequence[str], prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+_FITTING = {  # a config field's type (or its origin) -> what it is, and the distributions that fit it
+    float: ("a float field", "{uniform: [low, high]} or {loguniform: [low, high]}"),
+    int: ("an int field", "{int: [low, high]} or {categorical: [...]}"),
+    Literal: ("a choice field", "{categorical: [...]}"),
+    tuple: ("a list field", "{categorical: [...]}"),
+}
 
 
-def _field_kind(annotation: Any) -> str:
-    """'float', 'int' or 'other' (str, bool, Literal and tuple fields: categorical only)."""
-    if annotation is float:
-        return "float"
-    if annotation is int:
-        return "int"
-    return "other"
+def _dotted(loc: Sequence[str | int]) -> str:
+    """`("space", "loss.pdl_weight", "uniform", 1)` -> `space.loss.pdl_weight.uniform[1]`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
 
 
-def _describe_annotation(annotation: Any) -> str:
-    if get_origin(annotation) is Literal:
-        return "a choice field"
-    if get_origin(annotation) is tuple:
-        return "a list field"
-    name = getattr(annotation, "__name__", str(annotation))
-    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name} field"
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model of the part of a sweep file at `loc` (the file, a section, a space entry), if any."""
+    if len(loc) == 2 and loc[0] == "space":
+        return SpaceEntry
+    field = SweepFile.model_fields.get(str(loc[0])) if len(loc) == 1 else None
+    node = field.annotation if field is not None else None if loc else SweepFile
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
 
 
-_ALL_CONFIG_KEYS: tuple[str, ...] = tuple(TrainConfig().to_flat_dict())
+def _problem(error: Mapping[str, Any]) -> str:
+    """One pydantic error as `<dotted location>: <reason>` (an unknown key: `unknown key <location> ...`)."""
+    loc, kind, value = tuple(error["loc"]), error["type"], error.get("input")
+    reason, hint = str(error["msg"])[:1].lower() + str(error["msg"])[1:], ""
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1]) or SweepFile
+        allowed = [field.alias or name for name, field in model.model_fields.items()]
+        hint = _hint(str(loc[-1]), allowed, f"{_dotted(loc[:-1])}." if len(loc) > 1 else "")
+        return f"unknown key {_dotted(loc)}{hint}; allowed here: {', '.join(allowed)}"
+    if kind == "model_type":
+        forms = "a distribution such as {uniform: [low, high]}, {int: [low, high]} or {categorical: [...]}"
+        reason = f"expected {forms if _model_at(loc) is SpaceEntry else 'a mapping'}"
+    elif kind == "literal_error":  # "Input should be 'tpe' or 'random'"
+        hint = _hint(str(value), re.findall(r"'([^']*)'", error["ctx"]["expected"]))
+    elif kind in ("too_short", "too_long") and loc[-1] in ("uniform", "loguniform", "int"):
+        reason = "expected [low, high]"
+    got = "" if isinstance(value, Mapping) else f", got {value!r}"  # not the whole section or entry again
+    return f"{_dotted(loc)}: {reason}{got}{hint}" if loc else f"{reason}{got}"
 
 
 class _Validator:
     def __init__(self, source: str | None) -> None:
         self.source = source
 
-    # -- errors and primitive checks ---------------------------------------------------------------------
+    # -- errors and config values --------------------------------------------------------------------------
 
-    def error(self, message: str) -> SweepFileError:
-        return SweepFileError(f"{self.source}: {message}" if self.source else message)
-
-    def mapping(self, path: str, value: Any) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.error(f"{path}: expected a mapping, got {value!r}")
-        return value
-
-    def keys(self, path: str, mapping: Mapping[str, Any], allowed: Sequence[str]) -> None:
-        for key in mapping:
-            if key not in allowed:
-                full = f"{path}.{key}" if path else str(key)
-                hint = _hint(str(key), allowed, f"{path}." if path else "")
-                raise self.error(f"unknown key {full}{hint}; allowed here: {', '.join(allowed)}")
-
-    def integer(self, path: str, value: Any, minimum: int | None = None) -> int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if not ok or (minimum is not None and value < minimum):
-            bound = f" >= {minimum}" if minimum is not None else ""
-            raise self.error(f"{path}: expected an integer{bound}, got {value!r}")
-        return int(value)
-
-    def number(
-        self, path: str, value: Any, *, above: float | None = None, at_least: float | None = None
-    ) -> float:
-        number: float | None = None
-        if _is_number(value):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                number = None
-        if number is None or not math.isfinite(number):
-            raise self.error(f"{path}: expected a number, got {value!r}")
-        if above is not None and not number > above:
-            raise self.error(f"{path}: must be > {above:g}, got {value!r}")
-        if at_least is not None and not number >= at_least:
-            raise self.error(f"{path}: must be >= {at_least:g}, got {value!r}")
-        return number
-
-    def string(self, path: str, value: Any, *, allow_empty: bool = False) -> str:
-        if not isinstance(value, str) or (not allow_empty and not value.strip()):
-            raise self.error(f"{path}: expected a{'' if allow_empty else ' non-empty'} string, got {value!r}")
-        return value
-
-    def choice(self, path: str, value: Any, choices: Sequence[str]) -> str:
-        if value not in choices:
-            hint = _hint(str(value), choices) if isinstance(value, str) else ""
-            raise self.error(f"{path}: {value!r} is not one of {', '.join(choices)}{hint}")
-        return value
+    def error(self, *messages: str) -> SweepFileError:
+        """One line per message, each beginning with the file."""
+        return SweepFileError("\n".join(f"{self.source}: {m}" if self.source else m for m in messages))
 
     def config_key(self, path: str, key: Any) -> Any:
         """The annotation of config key `key` (found at `path`); an error with a hint otherwise."""
@@ -603,6 +712,18 @@ class _Validator:
 
     # -- the whole file ------------------------------------------------------------------------------------
 
+    def parse(self, data: Any, default_name: str | None) -> SweepFile:
+        """The file's structure (`SweepFile`); every problem pydantic finds is a line of the error."""
+        if not isinstance(data, Mapping):
+            raise self.error(f"expected a mapping at the top level, got {type(data).__name__}")
+        if data.get("name") is None and default_name is not None:
+            data = {**data, "name": default_name}
+        self.space_keys(data.get("space"))
+        try:
+            return SweepFile.model_validate(data)
+        except ValidationError as exc:
+            raise self.error(*map(_problem, exc.errors())) from None
+
     def run(
         self,
         data: Mapping[str, Any],
@@ -611,60 +732,42 @@ class _Validator:
         available: Mapping[str, float] | None,
         check_paths: bool,
     ) -> SweepSpec:
-        if not isinstance(data, Mapping):
-            raise self.error(f"expected a mapping at the top level, got {type(data).__name__}")
-        self.keys("", data, _TOP_LEVEL_KEYS)
-
-        name = data.get("name") if data.get("name") is not None else default_name
-        if name is None:
+        file = self.parse(data, default_name)
+        if file.name is None:
             raise self.error("name: missing (a sweep read from a mapping needs a name)")
-        name = self.string("name", name)
-        if not _NAME_PATTERN.match(name):
-            raise self.error(
-                f"name: {name!r} may only contain letters, digits, '.', '_' and '-' (it names the experiment folder)"
-            )
-        description = self.string("description", data.get("description") or "", allow_empty=True)
-
-        base_config = self.string("base_config", data.get("base_config") or DEFAULT_BASE_CONFIG)
         try:
-            base = load_config(base_config)
+            base = load_config(file.base_config)
         except ConfigError as exc:
-            raise self.error(f"base_config: {base_config!r}: {exc}") from None
-
-        fixed, fixed_cfg = self.fixed(data.get("fixed"), base)
-        space = self.space(data.get("space"), fixed, fixed_cfg)
-        search = self.search(self.mapping("search", data.get("search")))
-        if not space and search.num_trials > 1:
+            raise self.error(f"base_config: {file.base_config!r}: {exc}") from None
+        fixed, fixed_cfg = self.fixed(file.fixed, base)
+        space = self.space(file.space, fixed, fixed_cfg)
+        if not space and file.search.num_trials > 1:
             raise self.error(
-                f"space: empty, so all {search.num_trials} trials would train the same config; add keys to space "
-                "or set search.num_trials: 1"
+                f"space: empty, so all {file.search.num_trials} trials would train the same config; add keys to "
+                "space or set search.num_trials: 1"
             )
-        folds = self.folds(self.mapping("folds", data.get("folds")), fixed_cfg)
-        scheduler = self.scheduler(self.mapping("scheduler", data.get("scheduler")))
-        resources = self.resources(
-            self.mapping("resources", data.get("resources")), available, fixed_cfg, fixed
-        )
-        objective = self.objective(self.mapping("objective", data.get("objective")))
-        time_budget = data.get("time_budget_s")
-        time_budget_s = None if time_budget is None else self.number("time_budget_s", time_budget, above=0)
-        tracking = self.tracking(self.mapping("tracking", data.get("tracking")), name)
-
+        metric, reported = file.objective.metric, _trial_report_keys()
+        if metric not in reported:
+            raise self.error(
+                f"objective.metric: {metric!r} is not reported by the sweep's trials; valid: {', '.join(reported)}"
+            )
         spec = SweepSpec(
-            name=name,
-            base_config=base_config,
+            name=file.name,
+            base_config=file.base_config,
             base=base,
             fixed=fixed,
             space=space,
-            search=search,
-            folds=folds,
-            scheduler=scheduler,
-            resources=resources,
-            objective=objective,
-            tracking=tracking,
-            description=description,
-            time_budget_s=time_budget_s,
+            search=file.search,
+            folds=file.folds.model_copy(update={"split": file.folds.split or fixed_cfg.data.train_split}),
+            scheduler=file.scheduler,
+            resources=file.resources,
+            objective=file.objective,
+            tracking=file.tracking.model_copy(update={"experiment": file.tracking.experiment or file.name}),
+            description=file.description,
+            time_budget_s=file.time_budget_s,
             source=self.source,
         )
+        self.resources(spec, fixed_cfg, available)
         self.consistency(spec, fixed_cfg)
         if check_paths:
             self.paths(spec, fixed_cfg)
@@ -672,8 +775,7 @@ class _Validator:
 
     # -- sections ----------------------------------------------------------------------------------------
 
-    def fixed(self, raw: Any, base: TrainConfig) -> tuple[dict[str, Scalar], TrainConfig]:
-        raw = self.mapping("fixed", raw)
+    def fixed(self, raw: Mapping[str, Any], base: TrainConfig) -> tuple[dict[str, Scalar], TrainConfig]:
         flat: dict[str, Any] = {}
         for key, value in _flatten_fixed(raw).items():
             if key in flat:
@@ -684,102 +786,64 @@ class _Validator:
         canonical = cfg.to_flat_dict()
         return {key: canonical[key] for key in flat}, cfg
 
-    def space(self, raw: Any, fixed: Mapping[str, Any], fixed_cfg: TrainConfig) -> tuple[Distribution, ...]:
-        raw = self.mapping("space", raw)
-        entries: dict[str, Mapping[str, Any]] = {}
-        annotations: dict[str, Any] = {}
+    def space_keys(self, raw: Any) -> None:
+        """Space keys are dotted config keys (before the parse, which would read `loss: {...}` as a distribution)."""
+        if not isinstance(raw, Mapping):
+            return
+        sections = {f.name for f in dataclasses.fields(TrainConfig)}
         for key, entry in raw.items():
-            key = str(key)
-            path = f"space.{key}"
-            if isinstance(entry, Mapping) and key in {f.name for f in dataclasses.fields(TrainConfig)}:
+            if isinstance(entry, Mapping) and key in sections:
                 raise self.error(
-                    f"{path}: space keys are dotted config keys (space: {{{key}.<field>: {{...}}}}), not nested sections"
+                    f"space.{key}: space keys are dotted config keys (space: {{{key}.<field>: {{...}}}}), not nested sections"
                 )
-            annotations[key] = self.config_key(path, key)
-            if key in fixed:
-                raise self.error(
-                    f"{path}: {key} is both fixed and searched; remove it from one of fixed and space"
-                )
-            if not isinstance(entry, Mapping):
-                raise self.error(
-                    f"{path}: expected a distribution such as {{uniform: [low, high]}}, "
-                    f"{{loguniform: [low, high]}}, {{int: [low, high]}} or {{categorical: [...]}}, got {entry!r}"
-                )
-            entries[key] = entry
+            self.config_key(f"space.{key}", key)
+
+    def space(
+        self, entries: dict[str, SpaceEntry], fixed: dict[str, Scalar], cfg: TrainConfig
+    ) -> tuple[Distribution, ...]:
         space: dict[str, Distribution] = {}
         for key, entry in entries.items():
-            space[key] = self.distribution(key, annotations[key], entry, fixed_cfg)
+            if key in fixed:
+                raise self.error(
+                    f"space.{key}: {key} is both fixed and searched; remove it from one of fixed and space"
+                )
+            space[key] = self.distribution(key, field_annotation(key), entry, cfg)  # keys: `space_keys`
         # `when` conditions: after every distribution is known (a condition may name a later key).
         for key, entry in entries.items():
-            if entry.get("when") is not None:
-                when = self.when(key, entry["when"], space, annotations)
-                space[key] = dataclasses.replace(space[key], when=when)
+            if entry.when is not None:
+                space[key] = dataclasses.replace(space[key], when=self.when(key, entry.when, space))
         self.no_cycles(space)
         return tuple(space.values())
 
-    def distribution(
-        self, key: str, annotation: Any, entry: Mapping[str, Any], cfg: TrainConfig
-    ) -> Distribution:
-        path = f"space.{key}"
-        allowed = (*DISTRIBUTION_KINDS, "step", "when")
-        self.keys(path, entry, allowed)
-        kinds = [kind for kind in DISTRIBUTION_KINDS if kind in entry]
-        if len(kinds) != 1:
-            found = ", ".join(kinds) if kinds else "none"
-            raise self.error(f"{path}: needs exactly one of {', '.join(DISTRIBUTION_KINDS)} (found {found})")
-        kind = kinds[0]
-        value = entry[kind]
-        field_kind = _field_kind(annotation)
-        if "step" in entry and kind != "int":
-            raise self.error(f"{path}.step: only an int distribution takes a step")
+    def distribution(self, key: str, annotation: Any, entry: SpaceEntry, cfg: TrainConfig) -> Distribution:
+        ((kind, value),) = entry.given().items()
         if kind == "categorical":
             return self.categorical(key, annotation, value)
-        kpath = f"{path}.{kind}"
-        fits = {"uniform": "float", "loguniform": "float", "int": "int"}[kind]
-        if field_kind != fits:
-            use = (
-                "{int: [low, high]} or {categorical: [...]}"
-                if field_kind == "int"
-                else (
-                    "{uniform: [low, high]} or {loguniform: [low, high]}"
-                    if field_kind == "float"
-                    else "{categorical: [...]}"
-                )
-            )
+        kpath = f"space.{key}.{kind}"
+        if annotation is not {"uniform": float, "loguniform": float, "int": int}[kind]:
+            other = (f"a {getattr(annotation, '__name__', '')} field", "{categorical: [...]}")  # str, bool
+            what, use = _FITTING.get(get_origin(annotation) or annotation, other)
             raise self.error(
-                f"{kpath}: {kind} does not fit {key}, {_describe_annotation(annotation)} "
-                f"(currently {cfg.to_flat_dict()[key]!r}); use {use}"
+                f"{kpath}: {kind} does not fit {key}, {what} (currently {cfg.to_flat_dict()[key]!r}); use {use}"
             )
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise self.error(f"{kpath}: expected [low, high], got {value!r}")
-        if kind == "int":
-            low = self.integer(f"{kpath}[0]", value[0])
-            high = self.integer(f"{kpath}[1]", value[1])
-        else:
-            low = self.number(f"{kpath}[0]", value[0])
-            high = self.number(f"{kpath}[1]", value[1])
+        low, high = value
         if not low < high:
-            raise self.error(f"{kpath}: empty range {list(value)!r}: low must be < high")
+            raise self.error(f"{kpath}: empty range {value!r}: low must be < high")
         if kind == "loguniform" and not low > 0:
-            raise self.error(f"{kpath}: loguniform needs low > 0, got {list(value)!r}")
+            raise self.error(f"{kpath}: loguniform needs low > 0, got {value!r}")
         valid = field_range(key)
         if valid is not None and not (low in valid and high in valid):
-            raise self.error(f"{kpath}: {list(value)!r} reaches outside the valid range {valid} of {key}")
-        step = None
-        if kind == "int" and entry.get("step") is not None:
-            step = self.integer(f"{path}.step", entry["step"], minimum=1)
-            if (high - low) % step:
-                raise self.error(f"{path}.step: high - low = {high - low} is not a multiple of step {step}")
-        return Distribution(key=key, kind=kind, low=low, high=high, step=step)
+            raise self.error(f"{kpath}: {value!r} reaches outside the valid range {valid} of {key}")
+        if entry.step is not None and (high - low) % entry.step:
+            raise self.error(
+                f"space.{key}.step: high - low = {high - low} is not a multiple of step {entry.step}"
+            )
+        return Distribution(key=key, kind=kind, low=low, high=high, step=entry.step)
 
-    def categorical(self, key: str, annotation: Any, value: Any) -> Distribution:
+    def categorical(self, key: str, annotation: Any, value: Sequence[Any]) -> Distribution:
         kpath = f"space.{key}.categorical"
-        if not isinstance(value, (list, tuple)) or not value:
-            raise self.error(f"{kpath}: expected a non-empty list of values, got {value!r}")
         choices: list[Scalar] = []
         for index, item in enumerate(value):
-            if isinstance(item, (Mapping, list, tuple)) and get_origin(annotation) is not tuple:
-                raise self.error(f"{kpath}[{index}]: expected a scalar value, got {item!r}")
             canonical = self.canonical(key, self.coerce(f"{kpath}[{index}]", annotation, item, key))
             if canonical in choices:
                 raise self.error(f"{kpath}[{index}]: duplicate value {item!r}")
@@ -791,15 +855,11 @@ class _Validator:
         return TrainConfig.from_flat_dict({key: value}).to_flat_dict()[key]
 
     def when(
-        self, key: str, raw: Any, space: Mapping[str, Distribution], annotations: Mapping[str, Any]
+        self, key: str, raw: dict[str, Any], space: Mapping[str, Distribution]
     ) -> tuple[tuple[str, tuple[Scalar, ...]], ...]:
         path = f"space.{key}.when"
-        raw = self.mapping(path, raw)
-        if not raw:
-            raise self.error(f"{path}: expected at least one condition {{other.key: value_or_list}}")
         conditions = []
         for parent, values in raw.items():
-            parent = str(parent)
             cpath = f"{path}.{parent}"
             if parent == key:
                 raise self.error(f"{cpath}: a key cannot be conditional on itself")
@@ -819,7 +879,7 @@ class _Validator:
             allowed: list[Scalar] = []
             for index, item in enumerate(items):
                 ipath = f"{cpath}[{index}]" if isinstance(values, (list, tuple)) else cpath
-                canonical = self.canonical(parent, self.coerce(ipath, annotations[parent], item))
+                canonical = self.canonical(parent, self.coerce(ipath, field_annotation(parent), item))
                 if not dist.contains(canonical):
                     raise self.error(f"{ipath}: {item!r} is never sampled for {parent} ({dist.to_dict()})")
                 if canonical not in allowed:
@@ -844,54 +904,11 @@ class _Validator:
         for key in space:
             visit(key, [])
 
-    def search(self, raw: Mapping[str, Any]) -> SearchSettings:
-        self.keys("search", raw, [f.name for f in dataclasses.fields(SearchSettings)])
-        d = SearchSettings()
-        return SearchSettings(
-            algorithm=self.choice("search.algorithm", raw.get("algorithm") or d.algorithm, ("tpe", "random")),
-            seed=self.integer("search.seed", _or(raw.get("seed"), d.seed)),
-            num_trials=self.integer("search.num_trials", _or(raw.get("num_trials"), d.num_trials), minimum=1),
-            max_concurrent=self.integer(
-                "search.max_concurrent", _or(raw.get("max_concurrent"), d.max_concurrent), minimum=1
-            ),
-        )
-
-    def folds(self, raw: Mapping[str, Any], cfg: TrainConfig) -> FoldSettings:
-        self.keys("folds", raw, [f.name for f in dataclasses.fields(FoldSettings)])
-        d = FoldSettings()
-        return FoldSettings(
-            k=self.integer("folds.k", _or(raw.get("k"), d.k), minimum=2),
-            seed=self.integer("folds.seed", _or(raw.get("seed"), d.seed)),
-            split=self.string("folds.split", _or(raw.get("split"), cfg.data.train_split)),
-        )
-
-    def scheduler(self, raw: Mapping[str, Any]) -> SchedulerSettings:
-        self.keys("scheduler", raw, [f.name for f in dataclasses.fields(SchedulerSettings)])
-        d = SchedulerSettings()
-        return SchedulerSettings(
-            type=self.choice("scheduler.type", _or(raw.get("type"), d.type), ("asha", "fifo")),
-            grace_period=self.integer(
-                "scheduler.grace_period", _or(raw.get("grace_period"), d.grace_period), minimum=1
-            ),
-            reduction_factor=self.number(
-                "scheduler.reduction_factor", _or(raw.get("reduction_factor"), d.reduction_factor), above=1
-            ),
-        )
-
-    def resources(
-        self,
-        raw: Mapping[str, Any],
-        available: Mapping[str, float] | None,
-        cfg: TrainConfig,
-        fixed: Mapping[str, Any],
-    ) -> ResourceSettings:
-        self.keys("resources", raw, [f.name for f in dataclasses.fields(ResourceSettings)])
-        d = ResourceSettings()
-        cpu = self.number("resources.cpu", _or(raw.get("cpu"), d.cpu), above=0)
-        gpu = self.number("resources.gpu", _or(raw.get("gpu"), d.gpu), at_least=0)
+    def resources(self, spec: SweepSpec, cfg: TrainConfig, available: Mapping[str, float] | None) -> None:
+        cpu, gpu = spec.resources.cpu, spec.resources.gpu
         if gpu > 1 and not float(gpu).is_integer():
             raise self.error(
-                f"resources.gpu: {raw.get('gpu')!r}: a trial may take a fraction of one GPU (e.g. 0.5) or whole GPUs, "
+                f"resources.gpu: {gpu:g}: a trial may take a fraction of one GPU (e.g. 0.5) or whole GPUs, "
                 "not a fraction above 1"
             )
         if available is not None:
@@ -904,7 +921,7 @@ class _Validator:
                         "are available on one machine, so no trial could ever start"
                     )
         device = cfg.train.device
-        origin = "fixed.train.device" if "train.device" in fixed else "train.device (from base_config)"
+        origin = "fixed.train.device" if "train.device" in spec.fixed else "train.device (from base_config)"
         if gpu == 0 and device.startswith("cuda"):
             raise self.error(
                 f"resources.gpu: 0 but {origin} is {device!r}; give each trial a GPU (e.g. resources.gpu: 1 or 0.5)"
@@ -913,26 +930,6 @@ class _Validator:
             raise self.error(
                 f"resources.gpu: {gpu:g} but {origin} is 'cpu': the trials would hold a GPU they never use"
             )
-        return ResourceSettings(cpu=cpu, gpu=gpu)
-
-    def objective(self, raw: Mapping[str, Any]) -> ObjectiveSettings:
-        self.keys("objective", raw, [f.name for f in dataclasses.fields(ObjectiveSettings)])
-        d = ObjectiveSettings()
-        metric = self.string("objective.metric", _or(raw.get("metric"), d.metric))
-        reported = _trial_report_keys()
-        if metric not in reported:
-            raise self.error(
-                f"objective.metric: {metric!r} is not reported by the sweep's trials; valid: {', '.join(reported)}"
-            )
-        return ObjectiveSettings(
-            metric=metric, mode=self.choice("objective.mode", _or(raw.get("mode"), d.mode), ("max", "min"))
-        )
-
-    def tracking(self, raw: Mapping[str, Any], name: str) -> TrackingSettings:
-        self.keys("tracking", raw, [f.name for f in dataclasses.fields(TrackingSettings)])
-        return TrackingSettings(
-            experiment=self.string("tracking.experiment", _or(raw.get("experiment"), name))
-        )
 
     # -- cross-field checks --------------------------------------------------------------------------------
 
@@ -1020,7 +1017,7 @@ class _Validator:
 
     def paths(self, spec: SweepSpec, cfg: TrainConfig) -> None:
         def where(key: str) -> str:
-            return f"fixed.{key}" if key in spec.fixed else "base_config"
+            return _where(spec, key)
 
         root = cfg.data.root
         if cfg.data.dataset != "synthetic" or root:
@@ -1046,10 +1043,6 @@ class _Validator:
             raise self.error(
                 f"{where('proto.checkpoint')}: proto.checkpoint file {cfg.proto.checkpoint!r} does not exist"
             )
-
-
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
 
 
 def _span(spec: SweepSpec, cfg: TrainConfig, key: str) -> tuple[float, float]:
@@ -1238,3 +1231,9 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     data["scheduler"] = {**data["scheduler"], "grace_period": 1}
     data["tracking"] = {"experiment": f"{spec.tracking.experiment}-smoke"}
     return _Validator(spec.source).run(data, default_name=None, available=None, check_paths=False)
+
+
+if __name__ == "__main__":  # `make schema`
+    if sys.argv[1:] != ["--schema"]:
+        sys.exit("usage: python -m orchestration.search_space --schema  (prints the JSON Schema)")
+    print(json.dumps(json_schema(), indent=2))

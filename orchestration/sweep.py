@@ -10,6 +10,9 @@ A sweep named NAME lives in `<run_dir>/sweeps/NAME/` (run_dir defaults to `runs`
     pool_cache/       prototype pools by content key, shared by the sweep's trials (proto.cache_dir)
     mlflow_spool/     the spool of the sweep's own MLflow run
     stops.jsonl       why Tune stopped trials early: the scheduler (pruned) or the time budget (timeout)
+    scheduler_state.json  the ASHA scheduler's records (rungs, cuts), kept as they change: resume reads them back
+    ray_session.json  the local Ray instance the sweep's driver started (removed when it stops it): a resume
+                      after a killed driver stops what is left of it
     leaderboard.json  written at the end of each run or resume
 
 New sweeps are named and created under a lock on `<run_dir>/sweeps/.lock` (`claim_sweep`), so two `sweep run`
@@ -69,14 +72,19 @@ __all__ = [
     "existing_sweep",
     "failure_lines",
     "format_leaderboard",
+    "leaderboard_json",
     "leaderboard_rows",
     "load_leaderboard",
     "next_free_name",
     "ranking_rule",
+    "ray_session_processes",
+    "ray_session_record",
     "read_leaderboard",
     "renamed",
     "resume_sweep",
     "run_sweep",
+    "stop_left_behind_ray",
+    "stop_processes",
     "sweep_paths",
 ]
 
@@ -100,6 +108,8 @@ class SweepPaths(NamedTuple):
     parent_spool: Path
     leaderboard: Path
     stops: Path  # orchestration.tune_runner.STOPS_FILE
+    scheduler_state: Path  # orchestration.tune_runner.SCHEDULER_STATE_FILE
+    ray_session: Path  # the local Ray instance of the running driver (`_ray_session`)
 
 
 class SweepOutcome(NamedTuple):
@@ -127,6 +137,8 @@ def sweep_paths(run_dir: Path, name: str) -> SweepPaths:
         parent_spool=root / "mlflow_spool",
         leaderboard=root / "leaderboard.json",
         stops=root / "stops.jsonl",
+        scheduler_state=root / "scheduler_state.json",
+        ray_session=root / "ray_session.json",
     )
 
 
@@ -266,25 +278,185 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def _ray_session(num_cpus: int | None, spec: SweepSpec, address: str | None = None) -> Iterator[None]:
-    """A Ray instance for the sweep: `address` or RAY_ADDRESS (join a cluster), else a fresh local one."""
+def _ray_session(num_cpus: int | None, spec: SweepSpec, address: str | None = None, *,
+                 record: Path | None = None) -> Iterator[None]:
+    """A Ray instance for the sweep: `address` or RAY_ADDRESS (join a cluster), else a fresh local one, which is
+    written down in `record` (`ray_session_record`) until it is shut down, so that a resume after a killed driver
+    can stop what is left of it (`stop_left_behind_ray`)."""
     import ray
 
     # Tune warns about forced experiment snapshots whenever trials checkpoint often (a short fold does)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's result loggers are passed explicitly (`make_tuner`): TensorBoard's would only print a hint when
+    # tensorboardX is not installed
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune's older output, which verbose=0 silences (the newer one prints its configuration box all the same)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # a failed trial's traceback is in its log and error.txt; its event line gives the exception
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if ray.is_initialized():
         yield
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target)
+        record = None  # a cluster is not this sweep's to stop
     else:  # a fresh local instance, never a stray one found on the machine
         wanted = num_cpus or max(1, math.ceil(spec.resources.cpu * spec.search.max_concurrent))
-        ray.init(num_cpus=wanted, num_gpus=None, include_dashboard=False, address="local", log_to_driver=True)
+        # Ray turns on token authentication for a new local instance and warns that it did; RAY_AUTH_MODE=token
+        # would say so without the warning, but Ray reads it when imported, before this: its warning is dropped
+        auth_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth_setup.level
+        auth_setup.setLevel(logging.ERROR)
+        try:  # what trials print goes to their log files (`orchestration.trial.cv_trial`), not to this terminal
+            started = ray.init(num_cpus=wanted, num_gpus=None, include_dashboard=False, address="local",
+                               log_to_driver=False, logging_level=logging.WARNING)  # Ray's warnings, no news
+        finally:
+            auth_setup.setLevel(level)
     try:
+        if record is not None:
+            _write_json(record, ray_session_record(started.address_info))
         yield
     finally:
         ray.shutdown()
+        if record is not None:
+            record.unlink(missing_ok=True)
+
+
+RAY_SESSION_FORMAT = "cpews-ray-session/1"
+
+
+def _psutil() -> Any:
+    """psutil, as Ray ships it (importing ray puts its bundled copy on the path)."""
+    import importlib
+
+    import ray  # noqa: F401 - first: it puts its bundled psutil on the path
+
+    return importlib.import_module("psutil")
+
+
+def ray_session_record(address_info: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a local Ray instance that this process (its driver) started: the host, the driver's pid
+    and start time, Ray's session folder and GCS address, and its processes at this moment (for the record)."""
+    import socket
+
+    me = _psutil().Process()
+    session_dir = str(address_info["session_dir"])
+    return {
+        "format": RAY_SESSION_FORMAT,
+        "host": socket.gethostname(),
+        "driver_pid": me.pid,
+        "driver_started": me.create_time(),
+        "session_dir": session_dir,
+        "gcs_address": address_info.get("gcs_address"),
+        "processes": [[proc.pid, _name(proc)] for proc in ray_session_processes(session_dir)],
+    }
+
+
+def _alive(proc: Any) -> bool:
+    psutil = _psutil()
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def ray_session_processes(session_dir: str) -> list[Any]:
+    """The live Ray processes (psutil) of the instance whose session folder is `session_dir`: processes of Ray
+    (named `ray::...`, as its agents and workers rename themselves, or run from Ray's package: raylet, GCS,
+    monitors) whose command line names that folder or that hold a file open in it (their logs). Another
+    instance has another session folder; this process and processes that are not Ray's are left out."""
+    if not Path(session_dir).is_absolute():  # no folder named: nothing is matched
+        return []
+    import ray
+
+    psutil = _psutil()
+    ray_dir = str(Path(ray.__file__).parent) + os.sep
+    root = str(Path(session_dir))
+    inside = root + os.sep
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            command = proc.cmdline()
+            if not (proc.name().startswith("ray::") or any(arg.startswith(ray_dir) for arg in command)):
+                continue
+            if (any(arg == root or inside in arg for arg in command)
+                    or any(f.path.startswith(inside) for f in proc.open_files())):
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile, or not ours to look at
+            continue
+    return found
+
+
+def _name(proc: Any) -> str:
+    psutil = _psutil()
+    try:
+        return proc.name()
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+def stop_processes(procs: Sequence[Any], timeout_s: float = 5.0) -> list[Any]:
+    """SIGTERM `procs`, SIGKILL those still alive after `timeout_s`; returns the ones that outlived both."""
+    psutil = _psutil()
+    for signal_name in ("terminate", "kill"):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                getattr(proc, signal_name)()
+        deadline = time.monotonic() + timeout_s
+        while any(_alive(proc) for proc in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        procs = [proc for proc in procs if _alive(proc)]
+        if not procs:
+            break
+    return list(procs)
+
+
+def stop_left_behind_ray(paths: SweepPaths, out: Printer = print) -> None:
+    """Stop what is left of the local Ray instance that the sweep's previous driver started (`paths.ray_session`)
+    when that driver is gone (killed: it could not shut its instance down); one line says what was stopped.
+
+    Only that instance's processes are touched (`ray_session_processes` of its session folder): not a cluster
+    (no record is written for one), not another sweep's instance, nothing on another host.
+
+    Raises:
+        SweepError: that driver is still running (the sweep is not interrupted).
+    """
+    import socket
+
+    try:
+        record = json.loads(paths.ray_session.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("driver_pid"), int):
+            raise ValueError("not a record of a Ray instance")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        out(f"sweep {paths.root.name}: {paths.ray_session} cannot be read ({exc}); no Ray processes stopped")
+        return
+    name, pid = paths.root.name, record["driver_pid"]
+    if record.get("host") != socket.gethostname():
+        out(f"sweep {name}: its last driver ran on {record.get('host')}; its Ray instance there is not stopped "
+            "from here")
+        return
+    psutil = _psutil()
+    with contextlib.suppress(psutil.Error, TypeError):
+        driver = psutil.Process(pid)
+        if _alive(driver) and abs(driver.create_time() - float(record.get("driver_started"))) < 1e-3:
+            raise SweepError(f"sweep {name} is running: its driver (pid {pid}) is alive; stop it (Ctrl-C or kill "
+                             f"{pid}) before resuming")
+    left = ray_session_processes(record.get("session_dir") or "")
+    if left:
+        names = ", ".join(sorted({_name(proc) for proc in left}))
+        remaining = stop_processes(left)
+        session = Path(record["session_dir"]).name
+        out(f"sweep {name}: stopped {len(left) - len(remaining)} Ray process(es) left by its killed driver (pid "
+            f"{pid}, Ray {session}): {names}" + (f"; could not stop pids {[p.pid for p in remaining]}"
+                                                  if remaining else ""))
+    paths.ray_session.unlink(missing_ok=True)
 
 
 def _context(spec: SweepSpec, paths: SweepPaths, state: Mapping[str, Any], folds: list[list[str]],
@@ -375,14 +547,14 @@ def run_sweep(
             context = _context(spec, paths, state, saved.folds, faults)
             from orchestration.tune_runner import make_tuner
 
-            session.enter_context(_ray_session(num_cpus, spec, address))
+            session.enter_context(_ray_session(num_cpus, spec, address, record=paths.ray_session))
             tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name)
         except BaseException:  # nothing ran
             parent.set_tags({"cpews.status": "failed to start"})
             parent.end("FAILED")
             shutil.rmtree(paths.root, ignore_errors=True)
             raise
-        return _fit_and_close(tuner, spec, paths, state, parent, out, started)
+        return _fit_and_close(tuner, spec, paths, state, parent, out, started, stop_ray=session.close)
 
 
 def resume_sweep(
@@ -394,17 +566,31 @@ def resume_sweep(
     address: str | None = None,
 ) -> SweepOutcome:
     """Continue an interrupted sweep (`Tuner.restore`): finished trials are kept, unfinished ones continue from
-    their checkpoints with their MLflow runs, and the search history (the Optuna study) is intact.
+    the furthest valid checkpoint of their fold with their MLflow runs, the search history (the Optuna study) is
+    intact, and the scheduler's records come back (`FoldASHAScheduler`). What is left of the local Ray instance
+    of a killed driver is stopped first (`stop_left_behind_ray`).
 
     Raises:
-        SweepError: no such sweep under `run_dir`, or it was never started by Tune.
+        SweepError: no such sweep under `run_dir`; its driver is still running; its scheduler state is unreadable.
     """
     started = time.time()
     paths = existing_sweep(run_dir, name)
     state = json.loads(paths.state.read_text())
     spec = _read_spec(paths)
     from orchestration.kfold import load_folds
-    from orchestration.tune_runner import make_tuner, restore_tuner
+    from orchestration.tune_runner import (
+        describe_scheduler_state,
+        make_tuner,
+        read_scheduler_state,
+        restore_tuner,
+    )
+
+    stop_left_behind_ray(paths, out)
+    try:
+        records = read_scheduler_state(paths.scheduler_state)
+    except ValueError as exc:
+        raise SweepError(f"cannot resume sweep {name}: the scheduler's state {exc}; remove that file to resume "
+                         "without its records (trials that passed a cut may be judged again)") from None
 
     folds = load_folds(paths.folds).folds
     out(f"MLflow store: {state['tracking_uri']}")
@@ -415,21 +601,25 @@ def resume_sweep(
     context = _context(spec, paths, state, folds, None)
     with contextlib.ExitStack() as session:
         try:  # the sweep's run, reopened, is never left RUNNING: a failure here leaves it resumable (KILLED)
-            session.enter_context(_ray_session(num_cpus, spec, address))
+            session.enter_context(_ray_session(num_cpus, spec, address, record=paths.ray_session))
             from ray import tune
 
             if tune.Tuner.can_restore(str(paths.tune)):
                 out(f"sweep {name}: resuming from {paths.tune}")
+                if records is not None:
+                    out(f"sweep {name}: the scheduler's records come back from {paths.scheduler_state} "
+                        f"({describe_scheduler_state(records)})")
                 tuner = restore_tuner(spec, context, experiment_dir=paths.tune)
             else:  # stopped before Tune saved anything: start the search afresh, in the same folder and runs
                 out(f"sweep {name}: Tune had saved no state yet; starting its trials")
                 shutil.rmtree(paths.tune, ignore_errors=True)
+                paths.scheduler_state.unlink(missing_ok=True)  # records of trials that Tune does not know
                 tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name)
         except BaseException:
             parent.set_tags({"cpews.status": "interrupted"})
             parent.end("KILLED")
             raise
-        return _fit_and_close(tuner, spec, paths, state, parent, out, started)
+        return _fit_and_close(tuner, spec, paths, state, parent, out, started, stop_ray=session.close)
 
 
 def _read_spec(paths: SweepPaths) -> SweepSpec:
@@ -442,12 +632,15 @@ def _read_spec(paths: SweepPaths) -> SweepSpec:
 
 
 def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mapping[str, Any], parent: RunLogger,
-                   out: Printer, started: float) -> SweepOutcome:
-    from orchestration.tune_runner import close_trial_runs
+                   out: Printer, started: float, *, stop_ray: Callable[[], None]) -> SweepOutcome:
+    """Run `tuner` (one line per trial event through `out`), stop the sweep's Ray instance (`stop_ray`: nothing
+    of its workers prints after the summary), end every MLflow run of the sweep, write and print the summary."""
+    from orchestration.tune_runner import close_trial_runs, trial_events_to
 
     interrupted = True
     try:
-        tuner.fit()
+        with trial_events_to(out):
+            tuner.fit()
         rows = leaderboard_rows(paths, spec)
         interrupted = any(row["status"] in ("interrupted", "pending") for row in rows)
     except BaseException as exc:  # Tune itself gave up (or Ctrl-C outside its loop): the sweep's run ends too
@@ -456,6 +649,7 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
         parent.end("KILLED" if stopped else "FAILED", timeout_s=30.0)
         raise
     finally:
+        stop_ray()  # every trial's worker has ended: no second writer to its runs, no line after the summary
         # every run of every trial ends, whatever happened (their spools say which are still open)
         rows_now = _safe_rows(paths, spec)
         for row in rows_now:
@@ -463,13 +657,12 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
                 close_trial_runs(Path(row["path"]), row["status"], state["tracking_uri"], timeout_s=30.0)
         for spool in find_spool_dirs(paths.trials):  # trials without a row (e.g. Tune never recorded them)
             finalize_spool(spool, "KILLED", state["tracking_uri"], timeout_s=30.0)
-    _write_json(paths.leaderboard, {"sweep": spec.name, "objective": spec.objective.metric,
-                                    "ranking": ranking_rule(spec), "source": _tune_source(paths), "trials": rows})
+    _write_json(paths.leaderboard, leaderboard_json(Leaderboard(rows, _tune_source(paths), spec)))
     best = next((row for row in rows if row["status"] == "completed"), None)
     finished = sum(row["status"] not in ("interrupted", "pending") for row in rows)  # the summary's step
-    if best is not None:
-        parent.log_metrics({"best/" + CV_MEAN: best["cv_miou_mean"], "best/" + CV_STD: best["cv_miou_std"]},
-                           step=finished)
+    if best is not None:  # under the trials' own keys, so the runs table sorts and shows sweeps and trials alike
+        scores = {CV_MEAN: best["cv_miou_mean"], CV_STD: best["cv_miou_std"]}
+        parent.log_metrics({key: value for key, value in scores.items() if value is not None}, step=finished)
         parent.set_tags({"cpews.best_trial": best["trial"], "cpews.best_run_id": best.get("mlflow_run_id") or ""})
     counts = {status: sum(row["status"] == status for row in rows) for status in _ENDED}
     parent.log_metrics({f"trials/{k}": float(v) for k, v in counts.items()}, step=finished)
@@ -642,6 +835,15 @@ class Leaderboard(NamedTuple):
     spec: SweepSpec
 
 
+def leaderboard_json(board: Leaderboard) -> dict[str, Any]:
+    """The leaderboard as `leaderboard.json` holds it and `cpews sweep leaderboard NAME --json` prints it:
+    `{"sweep", "objective", "ranking" (`ranking_rule`), "source" (where the rows come from), "trials" (the
+    rows, best first)}`."""
+    spec = board.spec
+    return {"sweep": spec.name, "objective": spec.objective.metric, "ranking": ranking_rule(spec),
+            "source": board.source, "trials": list(board.rows)}
+
+
 def read_leaderboard(name: str, *, run_dir: Path = Path("runs")) -> Leaderboard:
     """The leaderboard of sweep `name`, from what is on disk and in MLflow; no Ray instance is needed.
 
@@ -721,10 +923,21 @@ def _mlflow_leaderboard(paths: SweepPaths, spec: SweepSpec) -> Leaderboard:
                 "error": _error_text(error_file) if status == "failed" else None,
                 "error_file": str(error_file) if status == "failed" and error_file.is_file() else None,
                 "path": str(paths.trials / trial_id),
-                "timings": {k: metrics[k] for k in (*TIME_KEYS, FIRST_STEP_AT) if k in metrics},
+                "timings": _run_timings(metrics, tags),
             })
     return Leaderboard(_rank(rows, spec), f"the trial runs in MLflow ({state['tracking_uri']}, experiment "
                        f"{state['experiment_id']}, sweep run {state['parent_run_id']})", spec)
+
+
+def _run_timings(metrics: Mapping[str, float], tags: Mapping[str, str]) -> dict[str, float]:
+    """A trial run's timings as a leaderboard row holds them: the `time/...` metrics, and `FIRST_STEP_AT` (a Unix
+    time) from its `cpews.first_step_at` tag (a metric in runs logged before it became a tag)."""
+    from orchestration.trial import TAG_FIRST_STEP_AT, epoch_time
+
+    timings = {k: metrics[k] for k in (*TIME_KEYS, FIRST_STEP_AT) if k in metrics}
+    with contextlib.suppress(KeyError, ValueError):
+        timings[FIRST_STEP_AT] = epoch_time(tags[TAG_FIRST_STEP_AT])
+    return timings
 
 
 def load_leaderboard(name: str, *, run_dir: Path = Path("runs")) -> list[dict[str, Any]]:

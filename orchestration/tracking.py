@@ -170,8 +170,14 @@ def default_tracking_uri(run_dir: Path = Path("runs")) -> str:
     return resolve_store(run_dir).tracking_uri
 
 
+# MLflow 3's UI opens an experiment in the view of its kind; without this tag it guesses, and shows the GenAI
+# (traces) view to experiments that have no run yet. "custom_model_development" is its "Model training" kind.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | Path | None = None) -> str:
-    """The id of experiment `name`, created (with `artifact_root`, a path or URI) if it does not exist.
+    """The id of experiment `name`, created (with `artifact_root`, a path or URI, and `EXPERIMENT_TAGS`) if it
+    does not exist.
 
     A deleted experiment of that name is restored (MLflow keeps deleted names reserved). Two processes
     creating it at once both get the same id.
@@ -180,7 +186,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | Path
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -877,8 +883,9 @@ class RunLogger:
             self._deliver_in_call()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log metrics at `step`. NaN and infinite values are skipped with a warning (MLflow stores inf as
-        the largest float) and their keys listed in the `cpews.skipped_nonfinite_metrics` tag.
+        """Log metrics at `step`. NaN is logged (MLflow keeps it as NaN: the metric is there, undefined at that
+        step); infinite values are skipped with a warning (MLflow would store the largest float) and their keys
+        listed in the `cpews.skipped_nonfinite_metrics` tag.
 
         A run holds one value per (key, step), and steps only go up: a point at or below the highest step
         logged for its key (by this spool, or found in MLflow for a continued run) is dropped, so the first
@@ -891,8 +898,8 @@ class RunLogger:
         for key, value in metrics.items():
             number = float(value)
             key = _check_key("metric", key)
-            if math.isfinite(number):
-                rows.append([key, number, timestamp, int(step)])
+            if not math.isinf(number):  # the spool is strict JSON: NaN is written as null
+                rows.append([key, None if math.isnan(number) else number, timestamp, int(step)])
             else:
                 skipped.append(key)
         with self._lock:
@@ -1203,7 +1210,8 @@ class RunLogger:
             params: dict[str, str] = {}
             tags: dict[str, str] = {}
             for item in group:
-                metrics.extend(Metric(k, v, ts, step) for k, v, ts, step in item.record.get("metrics", []))
+                metrics.extend(Metric(k, math.nan if v is None else v, ts, step)
+                               for k, v, ts, step in item.record.get("metrics", []))
                 params.update(item.record.get("params", {}))
                 tags.update(item.record.get("tags", {}))
             if metrics and self._check_history:

@@ -10,25 +10,33 @@ is in progress): the finished folds' scores, the MLflow run ids of the trial and
 and the trainer's checkpoint of it, and the accumulated timings.
 
 MLflow: one run per trial (nested under the sweep's run) and one per fold (nested under the trial's run), each
-written through a `RunLogger` whose spool lives in the trial folder (`mlflow/trial`, `mlflow/fold_<i>`). Every
-MLflow call of a fold happens before the Tune report that follows it: a trial that Tune stops is blocked inside
+written through a `RunLogger` whose spool lives in the trial folder (`mlflow/trial`, `mlflow/fold_<i>`), named
+`t03 8f5a7c13` and `t03 f1 8f5a7c13` (`run_name`; code finds runs by their `cpews.*` tags and ids, not names).
+Per-step and `val/*` metrics go to the fold run; the trial run gets the fold scores (`fold/miou_seg` at step =
+fold), their means (`cv/*`), pool-cache counts and timings (the first step's time as the tag
+`cpews.first_step_at`). Every MLflow call of a fold happens before the Tune report that follows it: a trial that Tune stops is blocked inside
 that report, so the driver can end its runs (`orchestration.tune_runner.TrialRunCloser`) without a second writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
+import logging
 import math
 import os
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cpews.training import keys
 
@@ -38,6 +46,7 @@ SPOOL_DIR = "mlflow"  # <trial dir>/mlflow/{trial,fold_0,...}: the MLflow spools
 TRIAL_SPOOL = "trial"
 FAULT_MARKER = "fault_injected"
 FOLDS_STARTED_LOG = "folds_started.log"
+TRIAL_LOG = "trial.log"  # <trial dir>/trial.log: everything the trial prints (trainer, pool builds, tracebacks)
 
 # Tune result keys: the cross-validation metrics of cpews.training.keys, and the trial's own bookkeeping
 CV_MEAN = keys.CV_MIOU_SEG_MEAN
@@ -48,7 +57,7 @@ FOLD_SCORE = keys.FOLD_MIOU_SEG
 FOLD_INDEX = "cv/fold"  # the fold the result is about
 FOLD_END = "cv/fold_end"  # 1.0 on the report that closes a fold, else 0.0
 TIME_KEYS = ("time/setup_s", "time/steps_s", "time/eval_s", "time/report_s", "time/artifacts_s")
-FIRST_STEP_AT = "time/first_step_epoch"  # Unix time at which the trial's first training step began
+FIRST_STEP_AT = "time/first_step_epoch"  # Unix time at which the trial's first training step began (Tune only)
 
 TAG_KIND = "cpews.kind"  # sweep | trial | fold
 TAG_SWEEP = "cpews.sweep"
@@ -57,6 +66,7 @@ TAG_FOLD = "cpews.fold"
 TAG_STATUS = "cpews.status"  # trial: completed | pruned | failed | interrupted
 TAG_POOL_CACHE = "cpews.pool_cache"  # fold: hit | miss | none
 TAG_NODES = "cpews.nodes"  # trial: the Ray node ids it ran on
+TAG_FIRST_STEP_AT = "cpews.first_step_at"  # trial: FIRST_STEP_AT as ISO 8601 UTC (a time, not a metric to chart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +126,25 @@ class TrialState:
 
 
 def trial_name(trial: Any) -> str:
-    """Tune's trial name and folder name: `trial_<id>` (instead of the function name and every param)."""
+    """Tune's folder name of a trial: `trial_<id>` (instead of the function name and every param)."""
     return f"trial_{trial.trial_id}"
+
+
+def trial_label(trial: Any) -> str:
+    """Tune's display name of a trial and its MLflow run name: `t<number> <id>` (`t03 8f5a7c13`), the number
+    being Tune's count of the trial (the start of its `experiment_tag`), so that a name cut short in a table
+    still tells the trials apart; `trial_<id>` when the tag holds no number."""
+    number = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return f"t{int(number):02d} {trial.trial_id}" if number.isdigit() else trial_name(trial)
+
+
+def run_name(label: str, fold: int | None = None) -> str:
+    """The MLflow run name of a trial (its `trial_label`) or of one of its folds: the fold right after the
+    trial's number (`t03 f1 8f5a7c13`), then the id."""
+    if fold is None:
+        return label
+    number, _, rest = label.partition(" ")
+    return f"{number} f{fold} {rest}" if rest else f"{label} f{fold}"
 
 
 def cv_metrics(scores: list[float], baselines: list[float]) -> dict[str, float]:
@@ -134,6 +161,16 @@ def cv_metrics(scores: list[float], baselines: list[float]) -> dict[str, float]:
             FOLDS_COMPLETED: float(len(scores))}
 
 
+def iso_time(epoch_s: float) -> str:
+    """A Unix time as ISO 8601 UTC to the millisecond (`2026-01-02T03:04:05.678+00:00`), for tags."""
+    return datetime.datetime.fromtimestamp(epoch_s, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def epoch_time(iso: str) -> float:
+    """The Unix time of an `iso_time` text."""
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
 def trial_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Dotted config keys of a Tune trial config (Ray's OptunaSearch unflattens on "/" only, so the dotted
     keys arrive flat; nested mappings, e.g. a hand-written `param_space`, are flattened all the same)."""
@@ -147,35 +184,54 @@ def trial_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class RestoredTrial(NamedTuple):
+    """What a trial continues from (`load_trial_state`)."""
+
+    state: TrialState
+    resume: Path | None  # the trainer checkpoint of the fold in progress (a copy), None: the fold starts afresh
+    source: str | None  # where `resume` came from, when not the Tune checkpoint's own copy (for the trial's log)
+
+
 def load_trial_state(
     checkpoint: Any, restore_to: Path, fold_dir: Callable[[int], Path] | None = None
-) -> tuple[TrialState, Path | None]:
-    """The state in a Tune checkpoint (a fresh one for None) and, when a fold was in progress, its trainer
-    checkpoint copied to `restore_to` (returned as the path to resume from).
+) -> RestoredTrial:
+    """The state in a Tune checkpoint (a fresh one for None) and the trainer checkpoint to continue its current
+    fold from (the fold in progress, else the first unfinished one), copied to `restore_to`.
 
-    The trainer checkpoint is read before it is copied. When it is damaged (truncated, garbage, ...) the newest
-    valid checkpoint the fold's own run wrote (`fold_dir(fold)`: `last.pt`, `iter_XXXXXXX.pt`) is used instead,
-    with a warning naming the damaged file, and `state.fold_iteration` becomes that checkpoint's step count. When
-    none is valid, the `CheckpointError` names the damaged file in the Tune checkpoint, not the copy.
+    The candidates are the Tune checkpoint's copy (when a fold was in progress) and the checkpoints the fold's own
+    run wrote (`fold_dir(fold)`: `last.pt`, `iter_XXXXXXX.pt`); the valid one with the most steps wins
+    (`furthest_valid_checkpoint`; of equals, the Tune copy). The fold's folder can be further on than the Tune
+    checkpoint: the trainer writes its checkpoint before the report that hands a copy to Tune, and Tune saves its
+    experiment state (what `Tuner.restore` reads) only every few checkpoints, so a killed driver leaves it behind
+    the folder. Starting later redoes no finished iteration, and is consistent with what was logged: the tracking
+    layer drops metric steps at or below a run's last logged one. `state.fold_in_progress` and
+    `state.fold_iteration` follow the checkpoint chosen. A damaged candidate is passed over with a warning that
+    names it; when none is valid, the `CheckpointError` names the first (the Tune checkpoint's file, not a copy).
     """
-    if checkpoint is None:
-        return TrialState(), None
-    from cpews.training.checkpoint import newest_valid_checkpoint, run_checkpoints
+    from cpews.training.checkpoint import furthest_valid_checkpoint, run_checkpoints
 
-    with checkpoint.as_directory() as directory:
-        folder = Path(directory)
-        state = TrialState.from_json((folder / TRIAL_STATE_FILE).read_text())
-        fold = state.fold_in_progress
-        saved = folder / FOLD_CHECKPOINT_FILE
-        if fold is None or not saved.is_file():
-            return state, None
-        older = run_checkpoints(fold_dir(fold)) if fold_dir is not None else []
-        chosen = newest_valid_checkpoint([saved, *older])
-        if chosen.path != saved:
-            state.fold_iteration = chosen.checkpoint.iteration
+    with contextlib.ExitStack() as stack:
+        state, saved = TrialState(), None
+        if checkpoint is not None:
+            folder = Path(stack.enter_context(checkpoint.as_directory()))
+            state = TrialState.from_json((folder / TRIAL_STATE_FILE).read_text())
+            if state.fold_in_progress is not None and (folder / FOLD_CHECKPOINT_FILE).is_file():
+                saved = folder / FOLD_CHECKPOINT_FILE
+        fold = state.fold_in_progress if state.fold_in_progress is not None else len(state.fold_scores)
+        on_disk = run_checkpoints(fold_dir(fold)) if fold_dir is not None else []
+        candidates = ([saved] if saved is not None else []) + on_disk
+        if not candidates:
+            return RestoredTrial(state, None, None)
+        chosen = furthest_valid_checkpoint(candidates)
         restore_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(chosen.path, restore_to)
-    return state, restore_to
+    source = None
+    if chosen.path != saved:
+        behind = (f"the Tune checkpoint's iteration {state.fold_iteration}" if saved is not None
+                  else "no Tune checkpoint of this fold")
+        source = f"{chosen.path}, further on than {behind}"
+    state.fold_in_progress, state.fold_iteration = fold, chosen.checkpoint.iteration
+    return RestoredTrial(state, restore_to, source)
 
 
 def _report(result: dict[str, float], state: TrialState, trainer_checkpoint: Path | None = None) -> None:
@@ -190,9 +246,29 @@ def _report(result: dict[str, float], state: TrialState, trainer_checkpoint: Pat
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
+# Validation metrics that a fold's images may leave undefined (no pixel of the confounding texture, no image
+# that shows it without its class): logged as NaN then, so that every fold run holds the same keys
+OPTIONAL_VAL_KEYS = (keys.VAL_CONFOUNDER_FALSE_ACTIVATION, keys.VAL_CONFOUNDER_IMAGE_BIAS, keys.VAL_CONFOUNDED_IOU)
+
+
+def same_metric_keys(values: Mapping[str, float]) -> dict[str, float]:
+    """`values` with every `OPTIONAL_VAL_KEYS` key that it lacks set to NaN, when it is a validation report
+    (holds `val/miou_seg`) of a dataset that has those metrics (it holds one of them); else `values` as they are.
+
+    The trainer leaves out a metric that the fold's images do not define (e.g. `val/confounder_image_bias` when
+    no image of the fold shows the texture without the class); NaN says "undefined" in MLflow, not "missing".
+    """
+    out = dict(values)
+    if keys.VAL_MIOU_SEG in out and any(key in out for key in OPTIONAL_VAL_KEYS):
+        for key in OPTIONAL_VAL_KEYS:
+            out.setdefault(key, math.nan)
+    return out
+
+
 class FoldReporter:
-    """The trainer's reporter inside a trial: MLflow (fold run at the fold's step, trial run at the trial's
-    step) and Tune (every call; with a checkpoint when the trainer has just written one, except the last)."""
+    """The trainer's reporter inside a trial: MLflow (the fold run, at the fold's step; per-step and per-fold
+    metrics go to fold runs only, the trial run gets the fold scores and their means) and Tune (every call; with
+    a checkpoint when the trainer has just written one, except the last)."""
 
     def __init__(
         self,
@@ -200,18 +276,16 @@ class FoldReporter:
         fold: int,
         state: TrialState,
         fold_run: Any,
-        trial_run: Any,
         max_iters: int,
         on_iteration: Callable[[int], None] | None = None,
     ) -> None:
-        self.fold, self.state, self.fold_run, self.trial_run = fold, state, fold_run, trial_run
+        self.fold, self.state, self.fold_run = fold, state, fold_run
         self.max_iters, self.on_iteration = max_iters, on_iteration
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         it = int(metrics.get(keys.TRAIN_ITERATION, 0))
-        values = {k: float(v) for k, v in metrics.items() if k != keys.TRAIN_ITERATION}
+        values = same_metric_keys({k: float(v) for k, v in metrics.items() if k != keys.TRAIN_ITERATION})
         self.fold_run.log_metrics(values, step=it)
-        self.trial_run.log_metrics(values, step=self.fold * self.max_iters + it)
         result = {
             **values,
             keys.TRAIN_ITERATION: float(it),
@@ -302,8 +376,43 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+@contextlib.contextmanager
+def output_to(path: Path) -> Any:
+    """Send this process's `sys.stdout`, `sys.stderr` and the logging handlers that write to them (Ray's own
+    included, e.g. its checkpoint messages) to the file `path` (appended to), until the block ends."""
+    streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
+    handlers = {id(h): h for lg in loggers for h in lg.handlers
+                if type(h) is logging.StreamHandler and id(h.stream) in streams}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1) as log:
+        previous = {key: handler.setStream(log) for key, handler in handlers.items()}
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
+        finally:
+            for key, handler in handlers.items():
+                handler.setStream(previous[key])
+
+
 def cv_trial(config: dict, *, context: TrialContext) -> None:
-    """Ray Tune function trainable: train the sampled `config` on each fold in turn (see the module docstring).
+    """Ray Tune function trainable: `run_trial`, with everything it prints in the trial's `TRIAL_LOG` (the driver
+    prints one line per trial event instead, `orchestration.tune_runner.TrialEvents`); an exception's traceback
+    is written there too before it reaches Tune."""
+    from ray import tune
+
+    base = Path(context.workdir) if os.path.isdir(context.workdir) else Path()  # as `run_trial` resolves it
+    trial_dir = base / context.trials_dir / tune.get_context().get_trial_id()
+    with output_to(trial_dir / TRIAL_LOG):
+        try:
+            run_trial(config, context=context)
+        except BaseException:
+            traceback.print_exc()
+            raise
+
+
+def run_trial(config: dict, *, context: TrialContext) -> None:
+    """Train the sampled `config` on each fold in turn (see the module docstring).
 
     `config` holds only the sampled params (dotted config keys); everything else comes from `context`.
     """
@@ -329,12 +438,13 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
     if context.pool_cache_dir and not cfg.proto.cache_dir:
         cfg = TrainConfig.from_flat_dict({"proto.cache_dir": context.pool_cache_dir}, base=cfg)
     tune_context = tune.get_context()
-    trial_id, trial_name = tune_context.get_trial_id(), tune_context.get_trial_name()
+    trial_id, label = tune_context.get_trial_id(), tune_context.get_trial_name()  # label: `trial_label`
+    trial_name = f"trial_{trial_id}"  # the trial's folder in tune/, as its log lines name it
     trial_dir = Path(context.trials_dir) / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
-    state, resume = load_trial_state(tune.get_checkpoint(), trial_dir / "restore" / "fold_checkpoint.pt",
-                                     fold_dir=lambda fold: trial_dir / f"fold_{fold}")
-    trial_run = _start_runs(context, state, trial_dir, trial_name, trial_id, cfg, spec.searched_keys())
+    state, resume, resumed_from = load_trial_state(tune.get_checkpoint(), trial_dir / "restore" / FOLD_CHECKPOINT_FILE,
+                                                   fold_dir=lambda fold: trial_dir / f"fold_{fold}")
+    trial_run = _start_runs(context, state, trial_dir, run_name(label), trial_id, cfg, spec.searched_keys())
     node = _node_id()
     if node not in state.nodes:  # where each attempt ran (a retry may land on another node)
         state.nodes.append(node)
@@ -357,7 +467,7 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
         fold_run = RunLogger.start(
             context.tracking_uri,
             context.experiment_id,
-            run_name=f"{trial_name}/fold_{fold}",
+            run_name=run_name(label, fold),
             spool_dir=trial_dir / SPOOL_DIR / f"fold_{fold}",
             parent_run_id=trial_run.run_id,
             run_id=state.fold_run_ids.get(str(fold)),
@@ -371,11 +481,12 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
         fold_resume = resume if state.fold_in_progress == fold else None
         start_iteration = state.fold_iteration if fold_resume is not None else 0
         if fold_resume is not None:
-            say(fold, f"resuming from the checkpoint at iteration {start_iteration}")
+            say(fold, f"resuming from the checkpoint at iteration {start_iteration}"
+                + (f" ({resumed_from})" if resumed_from else ""))
         with open(trial_dir / FOLDS_STARTED_LOG, "a") as log:  # "<fold> <iteration>" per start
             log.write(f"{fold} {start_iteration}\n")
         reporter = FoldReporter(
-            fold=fold, state=state, fold_run=fold_run, trial_run=trial_run, max_iters=cfg.optim.max_iters,
+            fold=fold, state=state, fold_run=fold_run, max_iters=cfg.optim.max_iters,
             on_iteration=_fault_kill(trial_dir, context.kill_at, fold),
         )
         state.timings["time/setup_s"] += time.perf_counter() - fold_started
@@ -386,6 +497,7 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
         timings = dict(result.timings or {})
         if FIRST_STEP_AT not in state.timings and "loop_start_epoch" in timings:
             state.timings[FIRST_STEP_AT] = timings["loop_start_epoch"]
+            trial_run.set_tags({TAG_FIRST_STEP_AT: iso_time(state.timings[FIRST_STEP_AT])})
         timings.pop("loop_start_epoch", None)
         for name, seconds in timings.items():
             state.timings[f"time/{name}"] = state.timings.get(f"time/{name}", 0.0) + seconds
@@ -409,7 +521,8 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
         summary = cv_metrics(state.fold_scores, state.fold_baselines)
         trial_run.log_metrics({FOLD_SCORE: score}, step=fold)
         trial_run.log_metrics(
-            {**{k: v for k, v in summary.items() if math.isfinite(v)}, **state.timings,  # no std from one fold
+            {**{k: v for k, v in summary.items() if math.isfinite(v)},  # no std from one fold
+             **{k: v for k, v in state.timings.items() if k != FIRST_STEP_AT},  # that one is a tag
              "pool/cache_hits": state.pool_cache["hit"],
              "pool/cache_misses": state.pool_cache["miss"]},
             step=len(state.fold_scores),
@@ -419,7 +532,8 @@ def cv_trial(config: dict, *, context: TrialContext) -> None:
             trial_run.end("FINISHED")
         say(fold, f"{FOLD_SCORE}={score:.4f}  {CV_MEAN}={summary[CV_MEAN]:.4f} after {len(state.fold_scores)}/{k} folds")
         _report(
-            {**summary, **state.timings, FOLD_SCORE: score, FOLD_INDEX: float(fold), FOLD_END: 1.0,
+            {**summary, **state.timings, FOLD_SCORE: score, keys.VAL_BASELINE_MIOU: state.fold_baselines[-1],
+             FOLD_INDEX: float(fold), FOLD_END: 1.0,
              keys.TRAIN_ITERATION: float(result.iterations)},
             state,
         )

@@ -8,7 +8,7 @@ protocol of §9.3 on the original image (multi-scale + flip, optional dense CRF)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -185,6 +185,7 @@ def evaluate(
     data_root: Path | None = None,
     batch_size: int = 16,
     per_image: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Score the model on `dataset` (an EvalDataset).
 
@@ -193,6 +194,7 @@ def evaluate(
             single scale at `eval.size`.
         crf: apply the dense CRF (§9.4) to the segmentation probabilities (implies per-image work).
         per_image: also return each image's mIoU per score (`EvalResult.per_image`), e.g. for paired tests.
+        progress: called after each batch with (images scored so far, images to score), e.g. to show a bar.
 
     `metrics["baseline_miou"]` is the mIoU of an all-background prediction on the same label maps, scored by the
     same code (`cpews.metrics.all_background_confusion`).
@@ -233,6 +235,8 @@ def evaluate(
                 )
         all_logits.append(output.logits.float().cpu())
         all_labels.append(labels.cpu())
+        if progress is not None:
+            progress(first + len(samples), count)
     model.train(was_training)
     result = _collect(meters, class_names, all_logits, all_labels, confounder, label, count)
     result.metrics["baseline_miou"] = float(segmentation_scores(background).miou)

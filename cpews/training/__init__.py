@@ -1,8 +1,10 @@
-"""Public training API: `train(cfg, reporter=None, out_dir=...) -> TrainResult`."""
+"""Public training API: `train(cfg, reporter=None, out_dir=...) -> TrainResult` (with the prototype module's
+hooks unless given others: see `cpews.training.default_hooks`)."""
 
 from __future__ import annotations
 
 from cpews.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from cpews.training.default_hooks import train
 from cpews.training.step import LossTerm, StepContext
 from cpews.training.trainer import (
     NonFiniteLossError,
@@ -12,7 +14,6 @@ from cpews.training.trainer import (
     TrainState,
     build_optimizer,
     select_device,
-    train,
 )
 
 __all__ = [

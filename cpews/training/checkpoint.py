@@ -2,7 +2,7 @@
 
 A run folder holds `last.pt` (the newest) and periodic `iter_XXXXXXX.pt` files. A resume whose checkpoint is
 damaged falls back to the newest valid one of the same run (`newest_valid_checkpoint`), with a warning naming
-the damaged file.
+the damaged file; a resume that may hold an older copy takes the furthest valid one (`furthest_valid_checkpoint`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -77,15 +77,21 @@ def save_checkpoint(
         "class_names": list(class_names),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_atomically(target: Path, write: Callable[[str], object]) -> Path:
+    """Run `write(tmp)` on a temporary file beside `target`, then `os.replace` it onto `target`, so that `target`
+    is never half-written (a crash leaves the old file or none, and at most a hidden `.NAME.*.tmp`)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write(tmp)
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+    return target
 
 
 def config_differences(saved: TrainConfig, wanted: TrainConfig, extra_keys: tuple[str, ...] = ()) -> list[str]:
@@ -233,6 +239,45 @@ def newest_valid_checkpoint(
     also = f" (also unusable: {'; '.join(damaged[1:])})" if len(damaged) > 1 else ""
     warn(f"{damaged[0]}; resuming from the newest valid checkpoint {str(best[0])!r} (step {best[1].iteration}) "
          f"instead{also}")
+    return ValidCheckpoint(best[0], best[1], damaged)
+
+
+def furthest_valid_checkpoint(
+    candidates: Sequence[str | Path], map_location: str | torch.device = "cpu"
+) -> ValidCheckpoint:
+    """Of `candidates`, the loadable checkpoint with the most steps taken; of equals, the first listed.
+
+    Unlike `newest_valid_checkpoint`, the first candidate is not preferred: a run's own files (`run_checkpoints`)
+    can be further on than a copy of one of them kept elsewhere (a sweep's Tune checkpoint). A periodic checkpoint
+    (`iter_XXXXXXX.pt`) is not read once a loaded one has at least its steps. When a candidate that was read does
+    not load, one warning line names it (and any other) and the checkpoint used instead.
+
+    Raises:
+        CheckpointError: no candidate is given, or none loads; the message names the first and why it failed.
+    """
+    paths = [Path(p) for p in candidates]
+    if not paths:
+        raise CheckpointError("no checkpoint to resume from")
+    damaged: list[str] = []
+    best: tuple[Path, Checkpoint] | None = None
+    for path in paths:
+        step = checkpoint_step(path)
+        if best is not None and step is not None and step <= best[1].iteration:
+            continue
+        try:
+            checkpoint = load_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            damaged.append(str(exc))
+            continue
+        if best is None or checkpoint.iteration > best[1].iteration:
+            best = (path, checkpoint)
+    if best is None:
+        tried = f"; no valid older checkpoint either ({len(paths) - 1} tried)" if len(paths) > 1 else ""
+        raise CheckpointError(f"{damaged[0]}{tried}")
+    if damaged:
+        also = f" (also unusable: {'; '.join(damaged[1:])})" if len(damaged) > 1 else ""
+        warn(f"{damaged[0]}; resuming from the newest valid checkpoint {str(best[0])!r} (step {best[1].iteration}) "
+             f"instead{also}")
     return ValidCheckpoint(best[0], best[1], damaged)
 
 

@@ -60,8 +60,8 @@ ARCHITECTURE_KEYS = (  # what the pretraining takes from the model being trained
     "model.freeze_pos_embed", "model.decoder_channels", "model.decoder_dilation",
 )
 RUNTIME_KEYS = (  # settings that do not change what is learned: left out of the content key
-    "train.device", "train.log_every", "train.checkpoint_every", "train.check_finite_every", "data.num_workers",
-    "data.root", "pretrain.cache_dir", "eval.every",
+    "train.device", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.check_finite_every",
+    "data.num_workers", "data.root", "pretrain.cache_dir", "eval.every",
 )
 Progress = Callable[[str], None]
 

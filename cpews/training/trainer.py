@@ -1,14 +1,17 @@
-"""The CPEWS training loop (method.md §8): iteration-based, with an injected reporter.
+"""The CPEWS training loop (method.md §8): iteration-based, with an injected reporter and injected hooks.
 
-`train(cfg, out_dir=...)` owns the model, the optimizer, autocast, validation and checkpoint files. Progress
-leaves through `reporter(metrics, checkpoint_dir)`, so a sweep can receive metrics without this module
-importing anything from the orchestration layer.
+`train_loop(cfg, out_dir=..., hooks=...)` owns the model, the optimizer, autocast, validation and checkpoint
+files. Progress leaves through `reporter(metrics, checkpoint_dir)`, so a sweep can receive metrics without this
+module importing anything from the orchestration layer. The prototype module's hooks come in through `hooks`:
+the public `cpews.training.train` (`cpews.training.default_hooks`) composes them, so this module does not
+import `cpews.training.prototype_hooks` (which imports this one).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,11 +26,14 @@ from cpews.metrics import multilabel_f1
 from cpews.model import CpewsNet, build_model
 from cpews.training import keys
 from cpews.training.checkpoint import (
+    checkpoint_step,
     config_differences,
     newest_valid_checkpoint,
     resume_candidates,
+    run_checkpoints,
     save_checkpoint,
     set_rng_state,
+    write_atomically,
 )
 from cpews.training.data import class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.device import autocast_factory, select_device
@@ -50,7 +56,7 @@ class TrainResult(NamedTuple):
     iterations: int  # optimizer steps taken in total
     metrics: dict[str, float]  # the last validation metrics (val/...)
     wall_time: float  # seconds spent in this call
-    timings: dict[str, float] | None = None  # seconds: setup, steps, eval, report; loop start (see `train`)
+    timings: dict[str, float] | None = None  # seconds: setup, steps, eval, report; loop start (see `train_loop`)
 
 
 class TrainHooks(NamedTuple):
@@ -60,6 +66,9 @@ class TrainHooks(NamedTuple):
     extra_terms: Sequence[LossTerm] = ()
     after_step: Sequence[Callable[[TrainState], None]] = ()
     before_training: Sequence[Callable[[TrainState], None]] = ()
+
+
+NO_HOOKS = TrainHooks()
 
 
 class TrainState(NamedTuple):
@@ -100,13 +109,45 @@ def validation_metrics(result: EvalResult) -> dict[str, float]:
     return out
 
 
-def default_hooks(cfg: TrainConfig, names: Sequence[str]) -> TrainHooks:
-    """The Contextual Prototype Module's hooks (pool build, PDL, SSL) unless `proto.n_builds == 0`."""
-    if cfg.proto.n_builds == 0:
-        return TrainHooks()
-    from cpews.training.prototype_hooks import prototype_hooks  # imports this module: import at call time
+def copy_atomically(source: Path, target: Path) -> Path:
+    """Copy `source` to `target` through a temporary file beside `target` and `os.replace`, so that `target` is
+    never half-written (a crash leaves the old file or none, and at most a hidden `.NAME.*.tmp`)."""
+    return write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
 
-    return prototype_hooks(cfg, class_names=list(names))
+
+def periodic_checkpoints(out_dir: Path) -> list[Path]:
+    """The periodic `iter_XXXXXXX.pt` checkpoints in `out_dir`, newest first (`run_checkpoints` less last.pt)."""
+    return [p for p in run_checkpoints(out_dir) if checkpoint_step(p) is not None]
+
+
+def prune_periodic_checkpoints(out_dir: Path, step: int, keep: int) -> list[Path]:
+    """Delete the periodic checkpoints of at most `step` steps but the `keep` newest; returns the deleted files.
+
+    What a resume needs stays: the newest (`step`'s) and `keep - 1` older ones to fall back to when it is
+    damaged (every one was written atomically, so each is complete). Files of more steps, left in `out_dir` by an
+    earlier attempt of a resumed run, are left alone (the run rewrites or ends them). `keep == 0` keeps all.
+    """
+    if keep == 0:
+        return []
+    older = [p for p in periodic_checkpoints(out_dir) if (checkpoint_step(p) or 0) <= step][keep:]
+    for path in older:
+        path.unlink(missing_ok=True)
+    return older
+
+
+def end_periodic_checkpoints(out_dir: Path, keep: int) -> list[Path]:
+    """Delete every periodic checkpoint of a run that has finished (`last.pt` holds its end), unless `keep == 0`.
+
+    Nothing reads them after a run: a sweep resumes an unfinished fold from its Tune checkpoint or the fold's
+    `last.pt` (`orchestration.trial.load_trial_state`); `keep == 0` keeps them for analyses of a past step
+    (`benchmarks/pool_confounder.py`).
+    """
+    if keep == 0:
+        return []
+    ended = periodic_checkpoints(out_dir)
+    for path in ended:
+        path.unlink(missing_ok=True)
+    return ended
 
 
 def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, optimizer: PolyWarmupAdamW) -> int:
@@ -130,7 +171,7 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, model: CpewsNet, opti
     return checkpoint.iteration
 
 
-def train(
+def train_loop(
     cfg: TrainConfig,
     reporter: Reporter | None = None,
     *,
@@ -139,19 +180,15 @@ def train(
     train_ids: Sequence[str] | None = None,
     val_ids: Sequence[str] | None = None,
     val_split: str | None = None,
-    hooks: TrainHooks | None = None,
+    hooks: TrainHooks = NO_HOOKS,
     progress: bool | None = None,
 ) -> TrainResult:
-    """Train CPEWS for `cfg.optim.max_iters` optimizer steps.
+    """Train CPEWS for `cfg.optim.max_iters` optimizer steps with exactly `hooks` (none by default).
 
-    Args:
-        out_dir: receives `config.yaml`, `last.pt` and periodic `iter_XXXXXXX.pt` checkpoints.
-        resume: a checkpoint to continue from (model, optimizer, schedule position and RNG state).
-        train_ids / val_ids: subsets of the train / validation split (cross-validation folds).
-        val_split: the split validated on (default `cfg.data.val_split`).
-        progress: force the progress bar on or off (default: on when stderr is a terminal).
-        hooks: extra loss terms and calls around the loop (default: the prototype module's, unless
-            `proto.n_builds` is 0).
+    The arguments are those of the public `cpews.training.train`, which passes the prototype module's hooks
+    when given none. Every `train.checkpoint_every` steps `last.pt` is copied to `iter_XXXXXXX.pt` and the
+    periodic checkpoints but the newest `train.keep_checkpoints` are deleted; a run that finishes deletes them
+    all (`last.pt` holds its end), unless `train.keep_checkpoints` is 0.
 
     `TrainResult.timings` splits the wall time: `setup_s` (model, data, resume), `steps_s` (batches, forward,
     backward, hooks such as pool builds, checkpoint writes), `eval_s` (validation) and `report_s` (time inside
@@ -164,8 +201,6 @@ def train(
     device = select_device(cfg.train.device)
     data_root = resolve_data_root(cfg)
     names = class_names(cfg)
-    if hooks is None:
-        hooks = default_hooks(cfg, names)
     torch.manual_seed(cfg.train.seed)
     # a resumed run takes every weight from its checkpoint: the backbone file is neither read nor made
     weights = "" if resume else resolve_weights(cfg, progress=lambda text: print(text, flush=True))
@@ -268,7 +303,8 @@ def train(
         if validate_now or periodic:
             last = save(step_count)
             if periodic and not final:
-                (out_dir / f"iter_{step_count:07d}.pt").write_bytes(last.read_bytes())
+                copy_atomically(last, out_dir / f"iter_{step_count:07d}.pt")
+                prune_periodic_checkpoints(out_dir, step_count, cfg.train.keep_checkpoints)
             reported = {**last_val, keys.TRAIN_ITERATION: float(step_count)} if validate_now else {
                 keys.TRAIN_ITERATION: float(step_count)}
             reporter(reported, out_dir)
@@ -279,6 +315,7 @@ def train(
         save(final_iter)
         reporter({**last_val, keys.TRAIN_ITERATION: float(final_iter)}, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(last_val, indent=2, sort_keys=True))
+    end_periodic_checkpoints(out_dir, cfg.train.keep_checkpoints)
     wall = time.perf_counter() - started
     loop_s = wall - timings["setup_s"]
     timings["steps_s"] = max(0.0, loop_s - timings["eval_s"] - timings["report_s"])

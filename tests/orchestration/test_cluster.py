@@ -264,7 +264,8 @@ def cpews(*args, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def board(name: str, run_dir: Path, env: dict) -> list[dict]:
-    return json.loads(cpews("sweep", "leaderboard", name, "--json", "--run-dir", run_dir, env=env).stdout)
+    """The trials of `cpews sweep leaderboard NAME --json` (the object leaderboard.json holds), best first."""
+    return json.loads(cpews("sweep", "leaderboard", name, "--json", "--run-dir", run_dir, env=env).stdout)["trials"]
 
 
 @pytest.mark.integration

@@ -106,6 +106,99 @@ def test_cv_drop_warning_after_three_sample_stds() -> None:
     assert cv_drop_warning(math.nan, folds, metric="miou_seg") is None
 
 
+def test_scoring_progress_lines_without_a_terminal() -> None:
+    """A line at most every 10 s (by the given clock), none for the finished protocol (its score line follows)."""
+    from orchestration.promote import ScoringProgress
+
+    times = iter([0.0, 4.0, 10.0, 15.0, 21.0, 40.0])
+    lines: list[str] = []
+    progress = ScoringProgress("candidate multi-scale + flip", lines.append, bar=False, clock=lambda: next(times))
+    for done in (16, 32, 48, 64, 100):  # at 4, 10, 15, 21 and 40 s
+        progress(done, 100)
+    progress.close()
+    assert lines == ["candidate multi-scale + flip: 32/100 images (10 s)",
+                     "candidate multi-scale + flip: 64/100 images (21 s)"]
+
+
+def test_scoring_progress_bar_on_a_terminal(capsys: pytest.CaptureFixture) -> None:
+    from orchestration.promote import ScoringProgress
+
+    times = iter([0.0, 3.0, 7.0])
+    lines: list[str] = []
+    progress = ScoringProgress("champion v1 single scale", lines.append, bar=True, clock=lambda: next(times))
+    progress(50, 100)
+    progress(100, 100)
+    progress.close()
+    err = capsys.readouterr().err
+    assert lines == []  # the bar replaces the lines
+    assert err.startswith("\r[" + "#" * 15 + "." * 15 + "] 50/100 champion v1 single scale (3 s)")
+    assert "\r[" + "#" * 30 + "] 100/100 champion v1 single scale (7 s)" in err and err.endswith("\n")
+
+
+SIGNATURE_SCRIPT = """
+import json, sys, warnings
+warnings.simplefilter("always")
+import mlflow
+from mlflow.models import get_model_info
+from orchestration.promote import _log_pyfunc
+from cpews.training.checkpoint import file_sha256
+weights, image, store = sys.argv[1:4]
+mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+experiment = mlflow.create_experiment("signature", artifact_location=f"{store}/artifacts")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with mlflow.start_run(experiment_id=experiment):
+        info = _log_pyfunc(weights, file_sha256(weights), ["background", "ball", "kite", "boat", "car", "bus",
+                           "house"], "sweep", "t00")
+    version = mlflow.register_model(info.model_uri, "cpews-signature")
+    signature = get_model_info(f"models:/cpews-signature/{version.version}").signature
+    model = mlflow.pyfunc.load_model(f"models:/cpews-signature/{version.version}")
+    (labels,) = model.predict([image])
+    try:
+        model.predict(image)  # a bare path, not a list: refused by MLflow against the type hint
+        refused = ""
+    except mlflow.exceptions.MlflowException as exc:
+        refused = exc.message
+print(json.dumps({"inputs": signature.inputs.to_dict(), "outputs": signature.outputs.to_dict(),
+                  "warnings": [str(w.message) for w in caught], "shape": list(labels.shape),
+                  "dtype": str(labels.dtype), "refused": refused}))
+"""
+
+
+def test_the_registered_model_has_a_signature_and_no_type_hint_warning(make_micro_config, synthetic_data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """Log the pyfunc as `promote` does (an untrained micro model) into a SQLite store, register it, read its
+    signature back and predict, in a fresh process: inputs strings (paths), outputs any, no MLflow warning
+    about type hints (on stderr or as a Python warning)."""
+    import torch
+
+    from cpews.evaluation.infer import load_model, read_rgb, segment_image
+    from cpews.model import build_model
+    from cpews.training.checkpoint import save_checkpoint
+    from cpews.training.data import class_names
+
+    cfg = make_micro_config()
+    names = class_names(cfg)
+    torch.manual_seed(0)
+    weights = save_checkpoint(tmp_path / "weights.pt", cfg=cfg, iteration=0, model=build_model(cfg, len(names) - 1),
+                              optimizer=None, class_names=names)
+    image = sorted((synthetic_data_dir / "JPEGImages").glob("*.png"))[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-c", SIGNATURE_SCRIPT, str(weights), str(image), str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["inputs"] == [{"type": "string", "required": True}]  # one path per row
+    assert report["outputs"] == [{"type": "any", "required": True}]
+    assert not [w for w in report["warnings"] if "type hint" in w.lower()], report["warnings"]
+    assert "type hint" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert "Expected list, but got str" in report["refused"]
+    rgb = read_rgb(image)
+    assert report["shape"] == list(rgb.shape[:2]) and report["dtype"] == "uint8"
+    assert segment_image(load_model(weights), rgb).shape == rgb.shape[:2]
+
+
 def cpews(*args, env: dict, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestration.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -174,6 +267,16 @@ def test_promotions_move_the_champion_only_through_the_gate(promoted: dict) -> N
         baseline = float(tags[v]["heldout_baseline_miou_seg_msf"])  # a tag: 6 decimals
         assert baseline == pytest.approx(first["heldout"]["baseline_miou"], abs=1e-6)
     assert [tags[v]["baseline_check"] for v in ("1", "2", "3")] == ["passed", "passed", "forced"]
+    import mlflow
+    from mlflow.models import get_model_info
+
+    mlflow.set_tracking_uri(promoted["uri"])
+    signature = get_model_info(f"models:/{promoted['model']}@champion").signature  # from predict's type hints
+    assert signature.inputs.to_dict() == [{"type": "string", "required": True}]
+    assert signature.outputs.to_dict() == [{"type": "any", "required": True}]
+    # scoring is announced, then reported per protocol (no silent minute); no MLflow type-hint warning
+    assert "candidate: scoring " in first["stderr"] and "champion v1: scoring " in lost["stderr"]
+    assert all("type hint" not in decision["stderr"].lower() for decision in promoted["decisions"])
 
 
 @pytest.mark.ray
@@ -237,6 +340,7 @@ def test_champion_predicts_in_a_fresh_process_and_via_cpews_infer(promoted: dict
     proc = subprocess.run([sys.executable, "-c", script, *map(str, images)], cwd=work, env=promoted["env"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "type hint" not in proc.stderr.lower(), proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [list(read_rgb(p).shape[:2]) for p in images]
     labels = np.load(work / "labels.npy")
     weights = next((promoted["run_dir"] / "sweeps" / "promo" / "promotions").glob("*/weights.pt"))
@@ -248,6 +352,7 @@ def test_champion_predicts_in_a_fresh_process_and_via_cpews_infer(promoted: dict
     proc = cpews("infer", "--model", f"models:/{promoted['model']}@champion", *images, "--out", out,
                  env=promoted["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "type hint" not in proc.stderr.lower(), proc.stderr[-3000:]
     assert len(list(out.glob("*.png"))) == 2 * len(images)
 
 

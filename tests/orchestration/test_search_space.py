@@ -1,10 +1,13 @@
-"""Sweep files: schema validation, overrides, sampling (a fake trial and real in-memory Optuna), smoke version.
+"""Sweep files: schema validation, the published JSON Schema, overrides, sampling (a fake trial and real in-memory
+Optuna), smoke version.
 
 No Ray, no MLflow, no server; Optuna is imported only inside the tests that use it.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from orchestration.search_space import (
     SweepSpec,
     apply_overrides,
     flat_params,
+    json_schema,
     load_sweep,
     optuna_define_by_run,
     optuna_distributions,
@@ -179,6 +183,143 @@ def test_readme_example_is_a_valid_sweep(tmp_path):
     block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     spec = load_sweep(write(tmp_path, yaml.safe_load(block), "my_sweep.yaml"))
     assert spec.distribution("proto.num_prototypes").when == (("proto.n_builds", (1,)),)
+    assert [e.message for e in schema_validator().iter_errors(yaml.safe_load(block))] == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The published JSON Schema (search_spaces/schema.json), which editors read.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def schema_validator():
+    """A validator of the committed search_spaces/schema.json (itself checked against the JSON Schema spec)."""
+    import jsonschema
+
+    schema = json.loads((SEARCH_SPACES_DIR / "schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_published_schema_is_the_generated_one():
+    command = [sys.executable, "-m", "orchestration.search_space", "--schema"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == json_schema()
+    assert (SEARCH_SPACES_DIR / "schema.json").read_text() == out, (
+        "search_spaces/schema.json is stale: make schema"
+    )
+    usage = subprocess.run(command[:-1], capture_output=True, text=True)
+    assert usage.returncode == 1 and "--schema" in usage.stderr and not usage.stdout
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_schema_validates_every_shipped_sweep_which_names_it(name):
+    text = (SEARCH_SPACES_DIR / f"{name}.yaml").read_text()
+    assert text.splitlines()[0] == "# yaml-language-server: $schema=./schema.json"
+    assert [e.message for e in schema_validator().iter_errors(yaml.safe_load(text))] == []
+
+
+@pytest.mark.parametrize(
+    "path, value, where, schema_says, loader_says",
+    [
+        ("search/algoritm", "tpe", ["search"], "'algoritm' was unexpected", "unknown key search.algoritm"),
+        (
+            "search/num_trials",
+            "8",
+            ["search", "num_trials"],
+            "'8' is not of type 'integer'",
+            "search.num_trials",
+        ),
+        (
+            "space/loss.ism_wieght",
+            {"uniform": [0.1, 0.5]},
+            ["space"],
+            "'loss.ism_wieght' was unexpected",
+            "space.loss.ism_wieght: 'loss.ism_wieght' is not a config field",
+        ),
+        (
+            "space/loss.pdl_weight",
+            {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]},
+            ["space", "loss.pdl_weight"],
+            "is valid under each of",
+            "space.loss.pdl_weight: needs exactly one of",
+        ),
+        (
+            "space/loss.pdl_weight",
+            {"uniform": [0.1]},
+            ["space", "loss.pdl_weight", "uniform"],
+            "[0.1] is too short",
+            "space.loss.pdl_weight.uniform: expected [low, high], got [0.1]",
+        ),
+        (
+            "space/loss.pdl_weight",
+            {"uniform": [0.1, 0.2], "step": 2},
+            ["space", "loss.pdl_weight"],
+            "'int' is a dependency of 'step'",
+            "space.loss.pdl_weight.step: only an int distribution takes a step",
+        ),
+        (
+            "resources/cpu",
+            0,
+            ["resources", "cpu"],
+            "0 is less than or equal to the minimum of 0",
+            "resources.cpu: input should be greater than 0, got 0",
+        ),
+        (
+            "scheduler/type",
+            "hyperband",
+            ["scheduler", "type"],
+            "'hyperband' is not one of ['asha', 'fifo']",
+            "scheduler.type: input should be 'asha' or 'fifo', got 'hyperband'",
+        ),
+        (
+            "fixed/optim.max_iters",
+            40.5,
+            ["fixed", "optim.max_iters"],
+            "40.5 is not of type 'integer'",
+            "fixed.optim.max_iters=40.5 must be an integer",
+        ),
+        (
+            "fixed/cam.high_threshold",
+            1.5,
+            ["fixed", "cam.high_threshold"],
+            "1.5 is greater than the maximum of 1",
+            "fixed.cam.high_threshold=1.5 is outside the valid range [0, 1]",
+        ),
+        (
+            "fixed/loss",
+            {"ism_wieght": 0.3},
+            ["fixed", "loss"],
+            "'ism_wieght' was unexpected",
+            "fixed.loss.ism_wieght: 'loss.ism_wieght' is not a config field (did you mean loss.ism_weight?)",
+        ),
+    ],
+)
+def test_schema_rejects_a_broken_sweep_as_the_loader_does(
+    tmp_path, path, value, where, schema_says, loader_says
+):
+    broken = _set(copy.deepcopy(yaml.safe_load((SEARCH_SPACES_DIR / "demo.yaml").read_text())), path, value)
+    errors = list(schema_validator().iter_errors(broken))
+    assert [(list(e.absolute_path), schema_says in e.message) for e in errors] == [(where, True)], errors
+    load_error(tmp_path, broken, loader_says)
+
+
+def test_every_problem_of_the_structure_is_a_line_naming_the_file_and_key(tmp_path):
+    data = _set(
+        _set(_set(minimal(), "search/num_trials", "six"), "search/algoritm", "tpe"), "resources/cpu", 0
+    )
+    path = tmp_path / "sweep.yaml"
+    assert load_error(tmp_path, data).splitlines() == [
+        f"{path}: search.num_trials: input should be a valid integer, got 'six'",
+        f"{path}: unknown key search.algoritm (did you mean search.algorithm?); allowed here: algorithm, seed, "
+        "num_trials, max_concurrent",
+        f"{path}: resources.cpu: input should be greater than 0, got 0",
+    ]
+
+
+def test_null_means_the_default(tmp_path):
+    data = _set(_set(minimal(), "search/seed", 7), "folds", {"k": 5})
+    spec = load_sweep(write(tmp_path, data), ["search.seed=null", "folds=null", "time_budget_s=null"])
+    assert (spec.search.seed, spec.search.num_trials, spec.folds.k, spec.time_budget_s) == (0, 2, 3, None)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -356,7 +497,7 @@ BAD_CASES = {
     "categorical empty": (
         "space/train.batch_size",
         {"categorical": []},
-        ["space.train.batch_size.categorical", "non-empty"],
+        ["space.train.batch_size.categorical", "at least 1 item", "got []"],
     ),
     "categorical duplicate": (
         "space/train.batch_size",
@@ -430,22 +571,22 @@ BAD_CASES = {
         ["space.loss.ism_weight", "both fixed and searched"],
     ),
     "num_trials wrong type": ("search/num_trials", "six", ["search.num_trials", "'six'", "integer"]),
-    "num_trials zero": ("search/num_trials", 0, ["search.num_trials", ">= 1", "0"]),
+    "num_trials zero": ("search/num_trials", 0, ["search.num_trials", "greater than or equal to 1", "got 0"]),
     "num_trials bool": ("search/num_trials", True, ["search.num_trials", "True"]),
     "max_concurrent zero": ("search/max_concurrent", 0, ["search.max_concurrent"]),
     "bad algorithm": ("search/algorithm", "tpee", ["search.algorithm", "'tpee'", "did you mean tpe?"]),
-    "k one": ("folds/k", 1, ["folds.k", ">= 2"]),
+    "k one": ("folds/k", 1, ["folds.k", "greater than or equal to 2", "got 1"]),
     "k larger than the synthetic set": ("folds/k", 5000, ["folds.k", "5000", "data.synthetic_train"]),
     "bad scheduler": ("scheduler/type", "hyperband", ["scheduler.type", "'hyperband'"]),
     "grace zero": ("scheduler/grace_period", 0, ["scheduler.grace_period"]),
-    "reduction one": ("scheduler/reduction_factor", 1, ["scheduler.reduction_factor", "> 1"]),
-    "negative gpu": ("resources/gpu", -1, ["resources.gpu", ">= 0", "-1"]),
+    "reduction one": ("scheduler/reduction_factor", 1, ["scheduler.reduction_factor", "greater than 1"]),
+    "negative gpu": ("resources/gpu", -1, ["resources.gpu", "greater than or equal to 0", "-1"]),
     "gpu 1.5": ("resources/gpu", 1.5, ["resources.gpu", "1.5", "whole"]),
-    "cpu zero": ("resources/cpu", 0, ["resources.cpu", "> 0"]),
+    "cpu zero": ("resources/cpu", 0, ["resources.cpu", "greater than 0"]),
     "cpu not a number": ("resources/cpu", "all", ["resources.cpu", "'all'"]),
     "bad mode": ("objective/mode", "maximise", ["objective.mode", "'maximise'"]),
     "metric without split": ("objective/metric", "miou", ["objective.metric", "'miou'"]),
-    "time budget zero": ("time_budget_s", 0, ["time_budget_s", "> 0"]),
+    "time budget zero": ("time_budget_s", 0, ["time_budget_s", "greater than 0"]),
     "bad name": ("name", "my sweep/1", ["name", "'my sweep/1'"]),
     "unknown tracking key": (
         "tracking/experiement",
@@ -613,7 +754,7 @@ def test_bad_overrides_are_errors(tmp_path):
         load_sweep(path, ["search.num_trials"])
     with pytest.raises(SweepFileError, match="unknown key search.num_trail .*did you mean search.num_trials"):
         load_sweep(path, ["search.num_trail=3"])
-    with pytest.raises(SweepFileError, match="search.num_trials: expected an integer >= 1, got 'six'"):
+    with pytest.raises(SweepFileError, match="search.num_trials: input should be a valid integer, got 'six'"):
         load_sweep(path, ["search.num_trials=six"])
     with pytest.raises(
         SweepFileError, match="space.loss.ism_weight: loss.ism_weight is both fixed and searched"

@@ -6,6 +6,8 @@ trial at a time), about 30 s each on a 2-core machine.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
@@ -112,8 +114,13 @@ def test_micro_sweep_against_tracking_server_with_outage(
     sweep, trials, folds = run_tree(sweep_runs(live_mlflow_server.uri, spec.name))
     assert (len(sweep), len(trials), len(folds)) == (1, 2, 4)
     assert {r.info.status for r in sweep + trials + folds} == {"FINISHED"}
+    # run names that stay readable when cut: `t01 <id>` for a trial (Tune's count), `t01 f0 <id>` for its folds
+    names = {r.data.tags["cpews.trial_id"]: r.info.run_name for r in trials}
+    assert set(names) == {row["trial"] for row in outcome.rows}
+    assert sorted(name.split(" ")[0] for name in names.values()) == ["t01", "t02"]
+    assert all(name.split(" ")[1:] == [trial] for trial, name in names.items()), names
     assert Counter(r.info.run_name for r in folds) == Counter(
-        f"trial_{row['trial']}/fold_{i}" for row in outcome.rows for i in range(2)
+        f"{names[row['trial']].split(' ')[0]} f{i} {row['trial']}" for row in outcome.rows for i in range(2)
     )
 
     # params: the full flat config, the same keys on every trial, scalars as text
@@ -130,6 +137,14 @@ def test_micro_sweep_against_tracking_server_with_outage(
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(row["fold_scores"])
         assert run.data.metrics["cv/baseline_miou_mean"] == pytest.approx(row["baseline_miou"])
+        # per-fold and per-step metrics are the fold runs'; the trial run has the fold scores, means, timings
+        assert not [key for key in run.data.metrics if key.startswith(("val/", "train/"))], run.data.metrics
+        assert run.data.metrics["time/steps_s"] > 0
+        # the first step's time is a tag (ISO 8601), not a metric; the leaderboard keeps it as a Unix time
+        assert "time/first_step_epoch" not in run.data.metrics
+        first_step = datetime.datetime.fromisoformat(run.data.tags["cpews.first_step_at"])
+        assert first_step.utcoffset() == datetime.timedelta(0)
+        assert first_step.timestamp() == pytest.approx(row["timings"]["time/first_step_epoch"], abs=1e-3)
 
     # fold runs: per-step training metrics, final validation, pool + overlays + checkpoint artifacts
     cache = {}
@@ -144,13 +159,18 @@ def test_micro_sweep_against_tracking_server_with_outage(
         assert {"pool.pt", "pool.json", "pool.png"} <= pool_files
         assert len(client.list_artifacts(run_id, "overlays")) == 4
         assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/last.pt"]
-        cache[run.info.run_name] = run.data.tags["cpews.pool_cache"]
-    first, second = (f"trial_{row['trial']}" for row in sorted(outcome.rows, key=lambda r: r["path"]))
-    by_trial = {name.split("/")[0] for name in cache}
+        cache[run.data.tags["cpews.trial_id"], run.data.tags["cpews.fold"]] = run.data.tags["cpews.pool_cache"]
+    # every fold run holds the same metrics (a confounder metric that a fold leaves undefined is NaN there)
+    assert len({frozenset(r.data.metrics) for r in folds}) == 1, [sorted(r.data.metrics) for r in folds]
+    for run in folds:
+        bias = run.data.metrics["val/confounder_image_bias"]
+        assert math.isnan(bias) or 0.0 <= bias <= 1.0
+    first, second = (row["trial"] for row in sorted(outcome.rows, key=lambda r: r["path"]))
+    by_trial = {trial for trial, _ in cache}
     assert by_trial == {first, second}
     # the trial that ran first built (miss) both fold pools; the other found them in the cache (hit)
-    misses = {name.split("/")[0] for name, value in cache.items() if value == "miss"}
-    hits = {name.split("/")[0] for name, value in cache.items() if value == "hit"}
+    misses = {trial for (trial, _), value in cache.items() if value == "miss"}
+    hits = {trial for (trial, _), value in cache.items() if value == "hit"}
     assert len(misses) == 1 and len(hits) == 1 and misses != hits, cache
     assert sorted(cache.values()) == ["hit", "hit", "miss", "miss"]
 
@@ -158,12 +178,22 @@ def test_micro_sweep_against_tracking_server_with_outage(
     parent = sweep[0]
     assert parent.data.params["sweep.folds.k"] == "2"
     assert {"folds.json", "sweep.yaml", "leaderboard.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the objective under the trials' own key (the best completed trial's), so the runs table sorts them together
+    best = outcome.rows[0]
+    assert parent.data.metrics["cv/miou_seg_mean"] == pytest.approx(best["cv_miou_mean"])
+    assert parent.data.metrics["cv/miou_seg_std"] == pytest.approx(best["cv_miou_std"])
+    assert parent.data.tags["cpews.best_trial"] == best["trial"]
+    assert not [key for key in parent.data.metrics if key.startswith("best/")]
     printed = subprocess.run(
         [sys.executable, "-m", "orchestration.cli", "sweep", "leaderboard", spec.name, "--json",
          "--run-dir", str(tmp_path / "runs")],
         capture_output=True, text=True, cwd=REPO, check=True,
     )
-    board = json.loads(printed.stdout)
+    document = json.loads(printed.stdout)  # one shape: the object leaderboard.json holds, the same content
+    saved = json.loads((tmp_path / "runs" / "sweeps" / spec.name / "leaderboard.json").read_text())
+    assert document == saved
+    assert (document["sweep"], document["objective"]) == (spec.name, "cv/miou_seg_mean")
+    board = document["trials"]
     assert [(r["trial"], r["status"], r["folds_completed"]) for r in board] == [
         (r["trial"], r["status"], r["folds_completed"]) for r in outcome.rows
     ]
@@ -174,8 +204,6 @@ def test_micro_sweep_against_tracking_server_with_outage(
     assert fold_baselines[0::2] == pytest.approx(fold_baselines[1::2])  # each fold twice, once per trial
     for entry in board:
         assert entry["baseline_miou"] == pytest.approx(sum(fold_baselines) / len(fold_baselines))
-    saved = json.loads((tmp_path / "runs" / "sweeps" / spec.name / "leaderboard.json").read_text())
-    assert [t["baseline_miou"] for t in saved["trials"]] == pytest.approx([r["baseline_miou"] for r in board])
     text = subprocess.run(
         [sys.executable, "-m", "orchestration.cli", "sweep", "leaderboard", spec.name, "--run-dir",
          str(tmp_path / "runs")], capture_output=True, text=True, cwd=REPO, check=True,
@@ -245,6 +273,39 @@ def test_one_fold_std_for_the_leaderboard_and_promotion() -> None:
     (candidate,) = select_best([row], 3).candidates
     assert candidate["std"] == pytest.approx(std)
     assert "fold std 0.0306 over 3 folds" in cv_drop_warning(0.4, scores, metric="seg")
+
+
+def test_run_names_put_the_trial_number_and_the_fold_before_the_id() -> None:
+    """Tune's trial 3 (experiment tag `3_...`), id 8f5a7c13: `t03 8f5a7c13`, its fold 1 `t03 f1 8f5a7c13`."""
+    from types import SimpleNamespace
+
+    from orchestration.trial import run_name, trial_label
+
+    label = trial_label(SimpleNamespace(trial_id="8f5a7c13", experiment_tag="3_loss.pdl_weight=0.1"))
+    assert label == "t03 8f5a7c13" == run_name(label)
+    assert run_name(label, 1) == "t03 f1 8f5a7c13"
+    assert trial_label(SimpleNamespace(trial_id="8f5a7c13", experiment_tag="112_x=1")) == "t112 8f5a7c13"
+    no_number = trial_label(SimpleNamespace(trial_id="8f5a7c13", experiment_tag=""))
+    assert (no_number, run_name(no_number, 0)) == ("trial_8f5a7c13", "trial_8f5a7c13 f0")
+
+
+def test_every_validation_report_of_a_confounded_dataset_has_the_same_keys() -> None:
+    """A fold without an image that shows the texture but not its class has no image bias: NaN, not absent."""
+    from orchestration.trial import same_metric_keys
+
+    report = {"val/miou_seg": 0.4, "val/confounder_false_activation": 0.2, "val/confounded_class_iou": 0.3}
+    filled = same_metric_keys(report)
+    assert set(filled) == {*report, "val/confounder_image_bias"}
+    assert math.isnan(filled.pop("val/confounder_image_bias")) and filled == report
+    assert same_metric_keys({"val/miou_seg": 0.4}) == {"val/miou_seg": 0.4}  # a dataset without a confounder
+    assert same_metric_keys({"train/loss": 1.0}) == {"train/loss": 1.0}  # not a validation report
+
+
+def test_first_step_time_as_an_iso_tag() -> None:
+    from orchestration.trial import epoch_time, iso_time
+
+    assert iso_time(86400.5) == "1970-01-02T00:00:00.500+00:00"
+    assert epoch_time(iso_time(1767225600.123)) == pytest.approx(1767225600.123, abs=1e-3)
 
 
 def test_asha_pruned_trial_reaches_optuna_as_pruned(ray_env: None, tmp_path: Path) -> None:
@@ -371,7 +432,7 @@ def test_stopped_driver_resumes_without_duplicates(ray_env: None, tmp_path: Path
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     board = json.loads(subprocess.run(
         [*command, "leaderboard", "resume-me", "--json", "--run-dir", str(run_dir)], cwd=REPO, env=env,
-        capture_output=True, text=True, check=True).stdout)
+        capture_output=True, text=True, check=True).stdout)["trials"]
     assert [r["status"] for r in board] == ["completed", "completed"]
     sweep, trial_runs, folds = run_tree(sweep_runs(uri, "resume-me"))
     assert (len(sweep), len(trial_runs), len(folds)) == (1, 2, 4)
@@ -388,6 +449,289 @@ def test_stopped_driver_resumes_without_duplicates(ray_env: None, tmp_path: Path
     fold, iteration = map(int, new[0].split())
     last_fold = int(before[stopped][-1].split()[0])
     assert iteration > 0 or fold > last_fold, (before[stopped], new)  # continued, not restarted
+
+
+
+def _newest_step(fold_dir: Path) -> int:
+    """The steps of a fold's newest checkpoint on disk (`last.pt` is written atomically), 0 when none."""
+    from cpews.training.checkpoint import load_checkpoint
+
+    last = fold_dir / "last.pt"
+    return load_checkpoint(last).iteration if last.is_file() else 0
+
+
+def _tune_checkpoints(trial_tune_dir: Path) -> list[tuple[int, int]]:
+    """(fold, iteration) of each Tune checkpoint a trial's worker has written (a fold end: (next fold, 0))."""
+    from orchestration.trial import TRIAL_STATE_FILE, TrialState
+
+    found = []
+    for folder in trial_tune_dir.glob("checkpoint_*"):
+        try:
+            state = TrialState.from_json((folder / TRIAL_STATE_FILE).read_text())
+        except (OSError, ValueError):  # being written
+            continue
+        found.append(_position(state))
+    return found
+
+
+def _position(state) -> tuple[int, int]:
+    if state.fold_in_progress is None:
+        return len(state.fold_scores), 0
+    return state.fold_in_progress, state.fold_iteration
+
+
+def _taken_in(sweep_root: Path, trial: str) -> set[tuple[int, int]]:
+    """(fold, iteration) of the reports of `trial` that the driver has processed: the lines of the trial's
+    result.json that Tune writes (and flushes) as it processes each, in the driver's staging folder inside the
+    Ray session folder (the copy in the sweep's tune/ folder is synced from it now and then)."""
+    from cpews.training import keys
+    from orchestration.trial import FOLD_INDEX
+
+    session = Path(json.loads((sweep_root / "ray_session.json").read_text())["session_dir"])
+    taken = set()
+    for results in session.glob(f"artifacts/*/tune/driver_artifacts/trial_{trial}/result.json"):
+        for line in results.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                result = json.loads(line)
+                taken.add((int(result[FOLD_INDEX]), int(result[keys.TRAIN_ITERATION])))
+    return taken
+
+
+def _saved_position(tune_dir: Path, trial: str) -> tuple[int, int] | None:
+    """(fold, iteration) of the trial's checkpoint in Tune's saved experiment state (what `Tuner.restore` reads),
+    (0, 0) when it holds none; None when the state cannot be read now."""
+    from ray.tune import ExperimentAnalysis
+
+    from orchestration.trial import TRIAL_STATE_FILE, TrialState
+
+    try:
+        (saved,) = [t for t in ExperimentAnalysis(str(tune_dir)).trials if t.trial_id == trial]
+        if saved.checkpoint is None:
+            return 0, 0
+        return _position(TrialState.from_json((Path(saved.checkpoint.path) / TRIAL_STATE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _psutil():
+    """psutil, as Ray ships it (importing ray puts its bundled copy on the path)."""
+    import importlib
+
+    import ray  # noqa: F401 - first: it puts its bundled psutil on the path
+
+    return importlib.import_module("psutil")
+
+
+def _alive(pid: int, started: float) -> bool:
+    psutil = _psutil()
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_from_the_newest_checkpoint_and_the_schedulers_records(
+    ray_env: None, tmp_path: Path
+) -> None:
+    """`cpews sweep run` (ASHA over 2 folds, one trial at a time) is SIGKILLed while its first trial, which passed
+    ASHA's cut at fold 1, has a fold checkpoint on disk newer than the one in Tune's saved state. `cpews sweep
+    resume` then stops what is left of the killed driver's Ray instance, continues that fold from the newest
+    step on disk, keeps the trial (it passed the cut), judges the second trial against the recorded score, and
+    leaves one MLflow run per trial and fold, none RUNNING.
+
+    The driver is stopped (SIGSTOP) first. Tune's function trainables report synchronously: a worker waits in
+    each report until the driver has processed it (which the trial's result.json in the driver's staging folder
+    then shows) and asked for the next one. Once the worker's newest checkpoint is in a report that the stopped
+    driver had not taken in, the worker waits there for good, and the driver never saved that checkpoint in
+    Tune's state. Reports come with checkpoints only (log_every > max_iters), every 10 steps.
+    """
+    import yaml
+
+    from orchestration.tune_runner import read_scheduler_state, read_stop_reasons
+
+    psutil = _psutil()
+
+    spec = smoke_spec(name="killed")
+    assert (spec.scheduler.type, spec.scheduler.grace_period, spec.folds.k, spec.search.max_concurrent) == (
+        "asha", 1, 2, 1)
+    data = spec.to_dict()
+    data["fixed"].update({"optim.max_iters": 60, "train.checkpoint_every": 10, "train.log_every": 1000,
+                          "proto.build_iter": 30})
+    sweep_file = tmp_path / "killed.yaml"
+    sweep_file.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "runs"
+    root = run_dir / "sweeps" / "killed"
+    command = [sys.executable, "-m", "orchestration.cli", "sweep"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "run.log", "w") as log:
+        process = subprocess.Popen([*command, "run", str(sweep_file), "--run-dir", str(run_dir)], cwd=REPO,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: any(root.glob("trials/*/fold_1/last.pt")), 600, "a checkpoint in fold 1", process)
+            (fold_dir,) = [p.parent for p in root.glob("trials/*/fold_1/last.pt")]
+            trial = fold_dir.parent.name
+            rung = read_scheduler_state(root / "scheduler_state.json")["brackets"][0][-1]
+            assert rung["milestone"] == 1 and trial in rung["scores"]  # judged at fold 1, and training on
+            trial_tune_dir = root / "tune" / f"trial_{trial}"
+            assert (0, 60) in _taken_in(root, trial)  # the driver's live file is read: fold 0's end is in it
+
+            def waiting_step() -> int | None:
+                """The step of the worker's newest checkpoint when it waits in a report that the driver has not
+                taken in (its Tune checkpoint is written right before the worker waits)."""
+                step = _newest_step(fold_dir)
+                if (1, step) in _tune_checkpoints(trial_tune_dir) and (1, step) not in _taken_in(root, trial):
+                    return step
+                return None
+
+            on_disk = None
+            for _ in range(3):
+                process.send_signal(signal.SIGSTOP)
+                # the worker trains on to its next report, unless the driver stopped between taking in a report
+                # and asking for the next one: then it goes on at the next try
+                deadline = time.monotonic() + 60
+                while (on_disk := waiting_step()) is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if on_disk is not None:
+                    break
+                process.send_signal(signal.SIGCONT)
+                last = _newest_step(fold_dir)
+                _wait_for(lambda: _newest_step(fold_dir) > last, 120, "the next checkpoint", process)
+            assert on_disk is not None, "the worker never waited in a report that the stopped driver had not taken in"
+            assert on_disk < 60
+            saved = _saved_position(root / "tune", trial)  # None: the stopped driver was writing it
+            assert saved is None or saved < (1, on_disk), (saved, on_disk)
+            tree = [(p.pid, p.create_time(), p.name()) for p in psutil.Process(process.pid).children(recursive=True)]
+            assert any(name == "raylet" for _, _, name in tree), tree
+            process.kill()
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+                process.wait(timeout=60)
+    before = (root / "trials" / trial / "folds_started.log").read_text().split("\n")[:-1]
+    assert before == ["0 0", "1 0"], before
+    left_before = [pid for pid, started, _ in tree if _alive(pid, started)]
+
+    resumed = subprocess.run([*command, "resume", "killed", "--run-dir", str(run_dir)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=900)
+    output = resumed.stdout + resumed.stderr
+    (tmp_path / "resume.log").write_text(output)
+    assert resumed.returncode == 0, output[-4000:]
+    # no process of the killed driver's Ray instance is left, and the resume said what it stopped
+    assert [(pid, name) for pid, started, name in tree if _alive(pid, started)] == []
+    if left_before:
+        assert re.search(r"sweep killed: stopped [1-9]\d* Ray process\(es\) left by its killed driver \(pid "
+                         rf"{process.pid}, Ray session_\S+\): ", output), output[-4000:]
+    assert not (root / "ray_session.json").exists()
+    # the scheduler's records of before the kill came back: the first trial at fold 1, nobody cut
+    assert re.search(r"sweep killed: the scheduler's records come back from \S+/scheduler_state\.json \(1 at fold 1; "
+                     r"0 cut\)", output), output[-4000:]
+    # the fold continued from the newest step on disk, not from Tune's older checkpoint
+    after = (root / "trials" / trial / "folds_started.log").read_text().split("\n")[:-1]
+    assert after == [*before, f"1 {on_disk}"], after
+    trial_log = (root / "trials" / trial / "trial.log").read_text()  # what the trial prints goes there
+    assert re.search(rf"\[trial_{trial} fold 1\] resuming from the checkpoint at iteration {on_disk} "
+                     rf"\(\S+/fold_1/last\.pt, further on than ", trial_log), trial_log[-4000:]
+    # the trial that passed the cut was not cut at the resume; the other one was judged against its score
+    board = json.loads(subprocess.run(
+        [*command, "leaderboard", "killed", "--json", "--run-dir", str(run_dir)], cwd=REPO, env=env,
+        capture_output=True, text=True, check=True).stdout)["trials"]
+    rows = {row["trial"]: row for row in board}
+    assert (rows[trial]["status"], rows[trial]["folds_completed"]) == ("completed", 2)
+    stops = read_stop_reasons(root / "stops.jsonl")
+    assert trial not in stops.scheduler
+    (other,) = set(rows) - {trial}
+    first_score = rows[trial]["fold_scores"][0]
+    rung = read_scheduler_state(root / "scheduler_state.json")["brackets"][0][-1]["scores"]
+    assert rung == pytest.approx({trial: first_score, other: rows[other]["fold_scores"][0]})
+    cut = rows[other]["fold_scores"][0] < first_score  # cutoff: the median of the one score recorded before
+    assert (rows[other]["status"], other in stops.scheduler) == (("pruned", True) if cut else ("completed", False))
+    uri = f"sqlite:///{run_dir.resolve() / 'mlflow' / 'mlflow.db'}"
+    sweep, trial_runs, folds = run_tree(sweep_runs(uri, "killed"))
+    assert (len(sweep), len(trial_runs), len(folds)) == (1, 2, sum(r["folds_completed"] for r in board))
+    assert "RUNNING" not in {r.info.status for r in sweep + trial_runs + folds}
+
+
+LEFT_BEHIND = """
+import ctypes, sys, time
+if sys.argv[2]:  # named like Ray's agents and workers, which set their process title: ray::DashboardAgent
+    ctypes.CDLL(None).prctl(15, sys.argv[2].encode(), 0, 0, 0)  # PR_SET_NAME
+log = open(sys.argv[1], "a")  # like a Ray agent or worker: its log stays open in the session folder
+time.sleep(600)
+"""
+
+
+def _left_behind(log: Path, name: str = "ray::FakeAgent") -> int:
+    """Start a process named `name` that holds `log` open and whose parent has exited (as a killed driver
+    leaves Ray's agents: reparented); returns its pid once the file is open."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" "$1" "$2" >/dev/null 2>&1 & echo $!',
+                              LEFT_BEHIND, str(log), name], capture_output=True, text=True, check=True,
+                             timeout=30)
+    pid = int(started.stdout)
+    deadline = time.monotonic() + 60
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid
+
+
+def test_resume_stops_only_what_the_killed_driver_left_of_its_ray_instance(tmp_path: Path) -> None:
+    """Real processes, no Ray instance: a record of a local Ray instance whose driver is gone; two Ray processes
+    holding files in its session folder (as Ray's agents and workers do) are stopped, one line says so, the
+    record is removed. Not touched: a Ray process of another session, a process that is not Ray's reading a log
+    of the session, and anything when the driver is alive or ran on another host."""
+    import socket
+
+    from orchestration.sweep import SweepError, stop_left_behind_ray, sweep_paths
+
+    psutil = _psutil()
+
+    paths = sweep_paths(tmp_path / "runs", "left")
+    paths.root.mkdir(parents=True)
+    session = tmp_path / "ray" / "session_2026-01-01_00-00-00_000001_11"
+    other = tmp_path / "ray" / "session_2026-01-01_00-00-00_000002_22"
+    ours = [_left_behind(session / "logs" / "dashboard_agent.log"),
+            _left_behind(session / "logs" / "worker-1.out", "ray::IDLE")]
+    theirs = _left_behind(other / "logs" / "dashboard_agent.log")
+    reader = _left_behind(session / "logs" / "raylet.out", "")  # e.g. someone's `tail -f`, not Ray's
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=60)
+    record = {"format": "cpews-ray-session/1", "host": socket.gethostname(), "driver_pid": gone.pid,
+              "driver_started": 1.0, "session_dir": str(session), "gcs_address": "127.0.0.1:1", "processes": []}
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    lines: list[str] = []
+    try:
+        paths.ray_session.write_text(json.dumps(record))
+        stop_left_behind_ray(paths, lines.append)
+        assert len(lines) == 1 and re.fullmatch(
+            rf"sweep left: stopped 2 Ray process\(es\) left by its killed driver \(pid {gone.pid}, Ray "
+            rf"{session.name}\): ray::FakeAgent, ray::IDLE", lines[0]), lines
+        assert [running(pid) for pid in (*ours, theirs, reader)] == [False, False, True, True]
+        assert not paths.ray_session.exists()
+
+        me = psutil.Process()
+        paths.ray_session.write_text(json.dumps({**record, "driver_pid": me.pid, "driver_started": me.create_time(),
+                                                 "session_dir": str(other)}))
+        with pytest.raises(SweepError, match=rf"^sweep left is running: its driver \(pid {me.pid}\) is alive; "):
+            stop_left_behind_ray(paths, lines.append)
+        paths.ray_session.write_text(json.dumps({**record, "host": "elsewhere", "session_dir": str(other)}))
+        stop_left_behind_ray(paths, lines.append)
+        assert lines[1:] == ["sweep left: its last driver ran on elsewhere; its Ray instance there is not stopped "
+                             "from here"]
+        assert running(theirs)
+    finally:
+        for pid in (*ours, theirs, reader):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_sweep_whose_every_trial_fails_says_why_and_fails(ray_env: None, tmp_path: Path) -> None:
@@ -419,6 +763,11 @@ def test_sweep_whose_every_trial_fails_says_why_and_fails(ray_env: None, tmp_pat
         assert error_file.parent.name == f"trial_{match[1]}" and error_file.parent.parent.name == "tune"
         assert error_file.read_text().strip().splitlines()[-1] == match[2]  # the exception's last line
         assert str(blocker) in match[2]
+        # the trial's event line while Tune ran: the same exception and the log that holds its traceback
+        event = [line for line in lines if re.fullmatch(rf"t\d\d {match[1]} failed: .* \(log: \S+\)", line)]
+        assert len(event) == 1 and f"failed: {match[2]} (log: " in event[0], lines
+        assert "Traceback (most recent call last)" in Path(event[0].rsplit("(log: ", 1)[1][:-1]).read_text()
+    assert "Traceback" not in proc.stdout + proc.stderr  # Tune's own report of each failed attempt is off
     uri = f"sqlite:///{run_dir.resolve() / 'mlflow' / 'mlflow.db'}"
     sweep, trials, folds = run_tree(sweep_runs(uri, "all-fail"))
     assert (len(sweep), len(trials)) == (1, 2) and folds
@@ -528,3 +877,49 @@ def test_sweeps_started_at_once_get_their_own_names(tmp_path: Path) -> None:
     assert sorted((first.returncode, second.returncode)) == [0, 3], (first, second)
     refused = first if first.returncode == 3 else second
     assert refused.stdout.startswith("refused: sweep 'solo' exists already in ") and "Error" not in refused.stderr
+
+
+EVENT = re.compile(r"(?P<trial>t\d\d \w+) (?:started \((?P<params>[^)]*)\)(?:; log: (?P<log>\S+))?"
+                   r"|fold (?P<fold>\d+) done \((?P<done>\d+)/(?P<k>\d+)\): seg mIoU \d\.\d{4} \(bkg \d\.\d{4}\)"
+                   r"|completed: cv seg mIoU \d\.\d{4} ± \d\.\d{4}|pruned after \d+/\d+ folds \(ASHA\)"
+                   r"|failed: .+ \(log: \S+\)|retried after: .+|stopped by the time budget after \d+/\d+ folds)")
+
+
+def test_sweep_terminal_shows_one_line_per_trial_event_and_ends_with_the_summary(ray_env: None,
+                                                                                  tmp_path: Path) -> None:
+    """`cpews sweep run` of the smoke sweep (FIFO: both trials train both folds), stdout and stderr together:
+    a short header, then only trial event lines naming the trial (and the fold), then the summary, which is the
+    last thing printed; none of Tune's tables, checkpoint messages, deduplicated worker lines or pool-build
+    lines; what each trial printed is in its log file, whose path its start line gives."""
+    import yaml
+
+    spec = smoke_spec("scheduler.type=fifo", name="quiet")
+    sweep_file = tmp_path / "quiet.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec.to_dict()))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "orchestration.cli", "sweep", "run", str(sweep_file), "--run-dir",
+                           str(tmp_path / "runs")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert proc.returncode == 0, "\n".join(lines[-40:])
+    for noise in ("Checkpoint successfully created", "repeated", "pool build", "Trial status", "tensorboard",
+                  "Token authentication"):
+        assert not [line for line in lines if noise.lower() in line.lower()], noise
+    events = [i for i, line in enumerate(lines) if EVENT.fullmatch(line)]
+    assert events and len(events) == events[-1] - events[0] + 1, "\n".join(lines)  # one block, nothing between
+    header, block, summary = lines[:events[0]], [EVENT.fullmatch(lines[i]) for i in events], lines[events[-1] + 1:]
+    known = ("pretrain", "[pretrain] it=", "MLflow", "sweep quiet: ")  # the backbone (first use), store, sweep
+    assert [line for line in header if not line.startswith(known) and "INFO mlflow.store.db" not in line] == []
+    trials = sorted({m["trial"] for m in block})
+    assert len(trials) == spec.search.num_trials == 2
+    for trial in trials:  # started (its log, once), each fold in order, completed
+        mine = [m for m in block if m["trial"] == trial]
+        assert [m["fold"] for m in mine[1:-1]] == ["0", "1"] and mine[-1][0].endswith(tuple("0123456789"))
+        assert mine[0]["log"] and "completed: cv seg mIoU" in mine[-1][0], [m[0] for m in mine]
+        log = REPO / mine[0]["log"] if not Path(mine[0]["log"]).is_absolute() else Path(mine[0]["log"])
+        text = log.read_text()
+        trial_id = trial.split()[1]
+        assert log.parent.name == trial_id and f"[trial_{trial_id} fold 1]" in text, text[-2000:]
+        assert "Checkpoint successfully created" in text  # Ray's own messages of the trial go there too
+    assert summary[0].startswith("leaderboard of sweep quiet ") and summary[-1].startswith("MLflow store: ")
+    assert any(line.startswith("sweep quiet finished in ") for line in summary), summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -423,7 +424,7 @@ def test_bad_keys_and_values_fail_at_the_call(tmp_path, dead_uri):
         logger.log_metrics({"val/miou": 0.1}, step=0)
 
 
-def test_long_params_are_truncated_with_the_full_value_as_artifact_and_nan_metrics_skipped(
+def test_long_params_are_truncated_with_the_full_value_as_artifact_nan_logged_and_inf_skipped(
     live_mlflow_server, tmp_path, request
 ):
     uri = live_mlflow_server.uri
@@ -445,10 +446,11 @@ def test_long_params_are_truncated_with_the_full_value_as_artifact_and_nan_metri
     assert run.data.params["seed"] == "0"
     full = client.download_artifacts(logger.run_id, FULL_PARAMS_ARTIFACT, str(tmp_path / "download"))
     assert json.loads(Path(full).read_text()) == {"data.image_ids": long_value}
-    assert client.get_metric_history(logger.run_id, "train/loss") == []
+    (nan,) = client.get_metric_history(logger.run_id, "train/loss")  # NaN: there, and undefined at step 1
+    assert nan.step == 1 and math.isnan(nan.value) and math.isnan(run.data.metrics["train/loss"])
     assert client.get_metric_history(logger.run_id, "train/grad_norm") == []
     assert metric_steps(client, logger.run_id, "val/miou") == [(1, 0.3)]
-    assert run.data.tags[SKIPPED_METRICS_TAG] == "train/grad_norm,train/loss"
+    assert run.data.tags[SKIPPED_METRICS_TAG] == "train/grad_norm"
     rejected = (tmp_path / "spool" / "rejected.jsonl").read_text()
     assert '"seed"' in rejected and "another value" in rejected
 
@@ -488,6 +490,8 @@ def test_local_sqlite_store_by_default(monkeypatch, tmp_path):
     client = MlflowClient(store.tracking_uri)
     experiment_id = ensure_experiment(client, "local-sweep", store.artifact_root)
     assert ensure_experiment(client, "local-sweep", store.artifact_root) == experiment_id
+    # the UI opens it as a model-training experiment, not in the GenAI view
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     checkpoint = tmp_path / "last.pt"
     checkpoint.write_bytes(b"weights")
     with RunLogger.start(

@@ -160,3 +160,90 @@ def test_asha_stops_on_fold_boundaries_only() -> None:
     assert scheduler.on_trial_result(None, good, {CV_MEAN: 0.6, FOLDS_COMPLETED: 1}) == TrialScheduler.CONTINUE
     assert scheduler.on_trial_result(None, bad, {CV_MEAN: math.nan, FOLDS_COMPLETED: 0}) == TrialScheduler.CONTINUE
     assert scheduler.on_trial_result(None, bad, {CV_MEAN: 0.2, FOLDS_COMPLETED: 1}) == TrialScheduler.STOP
+
+
+def test_scheduler_state_is_kept_and_restored_as_tune_restores_the_scheduler(tmp_path) -> None:
+    """ASHA over folds (grace 1, factor 2, k = 2: one rung, at fold 1) writes its records as they change; a
+    scheduler unpickled as `Tuner.restore` does it (from when the sweep started: empty rungs) reads them back at
+    Tune's first call. Then a trial that passed the cut is not judged again, a trial that was cut stays cut,
+    and new trials are judged against the recorded scores. A scheduler without the records judges differently.
+    Cutoff = the median of the scores recorded at the rung (`np.nanpercentile(scores, 50)`)."""
+    import json
+    import pickle
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestration.search_space import load_sweep, smoke
+    from orchestration.trial import CV_MEAN, FOLDS_COMPLETED
+    from orchestration.tune_runner import make_scheduler, read_scheduler_state, read_stop_reasons
+
+    CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    spec = smoke(load_sweep("demo", check_paths=False))
+    stops, state_file = tmp_path / "stops.jsonl", tmp_path / "scheduler_state.json"
+    pickled = pickle.dumps(make_scheduler(spec, stops, state_file))  # tuner.pkl: written when the sweep starts
+    a, b, c, d, e = (Trial("cv_trial", stub=True) for _ in range(5))
+
+    def fold_end(scheduler, trial, score: float, folds: int = 1) -> str:
+        return scheduler.on_trial_result(None, trial, {CV_MEAN: score, FOLDS_COMPLETED: folds})
+
+    first = pickle.loads(pickled)
+    first.set_search_properties(spec.objective.metric, spec.objective.mode)
+    for trial in (a, b, c):
+        first.on_trial_add(None, trial)
+    assert fold_end(first, a, 0.5) == CONTINUE  # nothing recorded yet
+    assert fold_end(first, b, 0.6) == CONTINUE  # cutoff 0.5
+    assert fold_end(first, c, 0.3) == STOP  # cutoff median(0.5, 0.6) = 0.55
+    saved = read_scheduler_state(state_file)
+    (top, rung) = saved["brackets"][0]
+    assert (top["milestone"], top["scores"]) == (2, {})
+    assert (rung["milestone"], rung["scores"]) == (1, {a.trial_id: 0.5, b.trial_id: 0.6, c.trial_id: 0.3})
+    assert saved["cut"] == {c.trial_id: 1.0}
+    assert not list(tmp_path.glob(".scheduler_state.json.*"))  # written through a temporary file, replaced
+
+    # the driver dies; `sweep resume`: Tune unpickles the scheduler and adds every trial of the sweep again
+    restored = pickle.loads(pickled)
+    restored.set_search_properties(spec.objective.metric, spec.objective.mode)
+    for trial in (a, b, c, d, e):
+        restored.on_trial_add(None, trial)
+    assert fold_end(restored, e, 0.9) == CONTINUE  # a new trial: cutoff median(0.3, 0.5, 0.6) = 0.5
+    assert fold_end(restored, b, 0.6) == CONTINUE  # passed the cut before: not judged again
+    assert fold_end(restored, d, 0.45) == STOP  # cutoff median(0.3, 0.5, 0.6, 0.9) = 0.55
+    assert fold_end(restored, c, float("nan"), folds=0) == STOP  # cut before, resumed by Tune: stopped again
+    assert fold_end(restored, b, 0.62, folds=2) == STOP  # its last fold (max_t): completed
+    rung = read_scheduler_state(state_file)["brackets"][0][1]
+    assert rung["scores"] == {a.trial_id: 0.5, b.trial_id: 0.6, c.trial_id: 0.3, e.trial_id: 0.9, d.trial_id: 0.45}
+    assert read_stop_reasons(stops).scheduler == {c.trial_id, d.trial_id}
+    assert sum(json.loads(line)["trial"] == c.trial_id for line in stops.read_text().splitlines()) == 1
+
+    # without the records (what Tune alone restores), the trial that had passed is cut by the newcomer's score
+    bare = make_scheduler(spec)
+    bare.set_search_properties(spec.objective.metric, spec.objective.mode)
+    for trial in (a, b, c, d, e):
+        bare.on_trial_add(None, trial)
+    assert fold_end(bare, e, 0.9) == CONTINUE
+    assert fold_end(bare, b, 0.6) == STOP
+
+    # the scheduler API's save / restore write and read the same JSON
+    restored.save(str(tmp_path / "copy.json"))
+    again = make_scheduler(spec)
+    again.set_search_properties(spec.objective.metric, spec.objective.mode)
+    again.restore(str(tmp_path / "copy.json"))
+    assert again.state() == restored.state() == read_scheduler_state(state_file)
+
+
+def test_an_unreadable_scheduler_state_is_named() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from orchestration.tune_runner import read_scheduler_state
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "scheduler_state.json"
+        assert read_scheduler_state(path) is None
+        path.write_text('{"brackets": [[{"milestone": 1, "sco')
+        with pytest.raises(ValueError, match=f"^{path}: not JSON"):
+            read_scheduler_state(path)
+        path.write_text('{"brackets": []}')
+        with pytest.raises(ValueError, match=f"^{path}: not a scheduler state"):
+            read_scheduler_state(path)

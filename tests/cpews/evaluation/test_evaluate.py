@@ -278,6 +278,20 @@ def test_evaluate_max_images_scores_only_the_first_images(hand_dataset):
     assert not any(k.startswith("confounder") for k in m)
 
 
+@pytest.mark.parametrize(("batch_size", "max_images", "calls"), [
+    (3, 0, [(3, 4), (4, 4)]),  # 4 images in batches of 3: after the first batch and after the last
+    (16, 0, [(4, 4)]),
+    (1, 3, [(1, 3), (2, 3), (3, 3)]),  # max_images: the total is what is scored
+])
+def test_evaluate_reports_progress_after_each_batch(hand_dataset, batch_size, max_images, calls):
+    dataset = EvalDataset(hand_dataset, "synthetic", "val")
+    seen: list[tuple[int, int]] = []
+    result = evaluate(BoatEverywhereModel(), dataset, _hand_cfg(), class_names=SYNTHETIC_CLASSES,
+                      batch_size=batch_size, max_images=max_images, progress=lambda *args: seen.append(args))
+    assert seen == calls
+    assert result.metrics["images"] == calls[-1][1]
+
+
 def test_evaluate_per_image_has_the_all_background_miou_of_each_image(hand_dataset):
     dataset = EvalDataset(hand_dataset, "synthetic", "val")
     result = evaluate(BoatEverywhereModel(), dataset, _hand_cfg(), class_names=SYNTHETIC_CLASSES, per_image=True)

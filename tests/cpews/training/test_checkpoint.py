@@ -12,7 +12,8 @@ import torch
 from cpews.training import CheckpointError, keys, load_checkpoint, train
 from cpews.training.checkpoint import newest_valid_checkpoint, resume_candidates, run_checkpoints
 
-RUN = ("train.checkpoint_every=2", "eval.every=0", "train.log_every=1")  # 6 steps: iter_2, iter_4, last.pt (6)
+# 6 steps: iter_2, iter_4, last.pt (6), all kept after the run (keep_checkpoints=0)
+RUN = ("train.checkpoint_every=2", "train.keep_checkpoints=0", "eval.every=0", "train.log_every=1")
 
 
 @pytest.fixture(scope="module")

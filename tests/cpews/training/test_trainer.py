@@ -21,6 +21,7 @@ from cpews.training import (
     load_checkpoint,
     train,
 )
+from cpews.training.default_hooks import default_hooks
 
 TRAIN_KEYS = {keys.TRAIN_LOSS, keys.TRAIN_LOSS_CLS, keys.TRAIN_LOSS_ISM, keys.TRAIN_LR, keys.TRAIN_F1}
 VAL_MIOU_KEYS = (keys.VAL_MIOU_CAM, keys.VAL_MIOU_AUX_CAM, keys.VAL_MIOU_PSEUDO, keys.VAL_MIOU_SEG)
@@ -197,8 +198,10 @@ def test_extra_term_is_reported_and_weighted(per_step_reports):
 
 @pytest.fixture(scope="module")
 def resumed_runs(make_micro_config, tmp_path_factory):
-    """6 iterations in one go (checkpoint at 3) and the same config resumed from that checkpoint."""
-    cfg = make_micro_config("train.log_every=1", "eval.every=3", "train.checkpoint_every=3")
+    """6 iterations in one go (checkpoint at 3, kept after the run) and the same config resumed from it."""
+    cfg = make_micro_config(
+        "train.log_every=1", "eval.every=3", "train.checkpoint_every=3", "train.keep_checkpoints=0"
+    )
     root = tmp_path_factory.mktemp("resume")
     full_batches, full_reports = [], []
     train(
@@ -257,12 +260,112 @@ def test_resumed_run_sees_the_same_batches_and_ends_with_the_same_weights(resume
 
 
 def test_periodic_checkpoints_follow_checkpoint_every_without_validation(make_micro_config, tmp_path):
-    cfg = make_micro_config("eval.every=0", "train.checkpoint_every=2", "train.log_every=6")
+    cfg = make_micro_config(
+        "eval.every=0", "train.checkpoint_every=2", "train.log_every=6", "train.keep_checkpoints=0"
+    )
     train(cfg, _recorder([]), out_dir=tmp_path, progress=False)
-    for it in (2, 4):
+    for it in (2, 4):  # keep_checkpoints=0: all kept, also after the run
         path = tmp_path / f"iter_{it:07d}.pt"
         assert path.is_file(), sorted(p.name for p in tmp_path.iterdir())
         assert load_checkpoint(path).iteration == it
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hooks: the public `train` composes the prototype module's (cpews.training.default_hooks).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_default_hooks_are_the_prototype_modules_unless_no_builds(make_micro_config):
+    assert default_hooks(make_micro_config("proto.n_builds=0")) == TrainHooks()
+    hooks = default_hooks(make_micro_config())
+    assert [term.name for term in hooks.extra_terms] == ["pdl", "ssl"]
+    assert (len(hooks.after_step), len(hooks.before_training)) == (1, 1)
+
+
+def test_train_without_hooks_builds_the_pool_and_with_empty_hooks_does_not(make_micro_config, tmp_path):
+    cfg = make_micro_config(
+        "optim.max_iters=2", "proto.build_iter=1", "proto.resize=64", "proto.num_prototypes=3"
+    )
+    train(cfg, _recorder([]), out_dir=tmp_path / "default", progress=False)
+    assert (tmp_path / "default" / "pool" / "pool_it0000001.pt").is_file()
+    train(cfg, _recorder([]), out_dir=tmp_path / "none", hooks=TrainHooks(), progress=False)
+    assert not (tmp_path / "none" / "pool").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Periodic checkpoints kept: what a resume needs while the run goes on, none after (last.pt stays).
+# ------------------------------------------------------------------------------------------------------------
+
+EVERY_STEP = ("optim.max_iters=5", "train.checkpoint_every=1", "eval.every=0", "train.log_every=5")
+
+
+def _folder_at_checkpoints(store: list):
+    """A reporter that records, at each report with a checkpoint, (step, the checkpoint files in the folder and
+    the step each holds)."""
+
+    def record(metrics: dict, checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None:
+            files = {p.name: load_checkpoint(p).iteration for p in sorted(checkpoint_dir.glob("*.pt"))}
+            store.append((int(metrics[keys.TRAIN_ITERATION]), files))
+
+    return record
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("keep", "kept"),
+    [
+        # the newest and one older: 1 | 1 2 | 2 3 | 3 4 | 3 4 (step 5 is the last: last.pt only)
+        (2, [[1], [1, 2], [2, 3], [3, 4], [3, 4]]),
+        (1, [[1], [2], [3], [4], [4]]),
+    ],
+)
+def test_a_run_keeps_the_newest_periodic_checkpoints_and_none_after(make_micro_config, tmp_path, keep, kept):
+    cfg = make_micro_config(*EVERY_STEP, f"train.keep_checkpoints={keep}")
+    seen: list = []
+    train(cfg, _folder_at_checkpoints(seen), out_dir=tmp_path, hooks=TrainHooks(), progress=False)
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5]
+    for (step, files), steps in zip(seen, kept):
+        assert files == {"last.pt": step, **{f"iter_{s:07d}.pt": s for s in steps}}, step
+    assert _names(tmp_path) == ["config.yaml", "last.pt", "metrics.json"]  # no iter_*.pt, no temporary file
+    assert load_checkpoint(tmp_path / "last.pt").iteration == 5
+
+
+def test_a_crashed_run_resumes_from_the_older_kept_checkpoint(make_micro_config, tmp_path, capfd):
+    """Stopped at step 4, the folder holds last.pt, iter_3 and iter_4; with last.pt and iter_4 damaged the resume
+    falls back to iter_3, trains steps 4 and 5, and ends with last.pt alone."""
+    cfg = make_micro_config(*EVERY_STEP)  # keep_checkpoints: the default 2
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_4(metrics: dict, checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None and metrics[keys.TRAIN_ITERATION] == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, crash_at_step_4, out_dir=tmp_path, hooks=TrainHooks(), progress=False)
+    assert _names(tmp_path) == ["config.yaml", "iter_0000003.pt", "iter_0000004.pt", "last.pt"]
+    for damaged in ("last.pt", "iter_0000004.pt"):
+        (tmp_path / damaged).write_bytes(bytes(range(256)) * 16)
+    batches: list = []
+    result = train(
+        cfg,
+        _recorder([]),
+        out_dir=tmp_path,
+        resume=tmp_path / "last.pt",
+        hooks=TrainHooks(extra_terms=(_fingerprint_term(batches),)),
+        progress=False,
+    )
+    assert f"resuming from the newest valid checkpoint {str(tmp_path / 'iter_0000003.pt')!r} (step 3)" in (
+        capfd.readouterr().err
+    )
+    assert [it for it, *_ in batches] == [3, 4] and result.iterations == 5
+    assert _names(tmp_path) == ["config.yaml", "last.pt", "metrics.json"]
+    assert load_checkpoint(tmp_path / "last.pt").iteration == 5
 
 
 def test_resume_with_a_longer_schedule_uses_the_new_config(make_micro_config, tmp_path):
