@@ -49,6 +49,7 @@ from orchestration.tracking import (
     resolve_store,
     runs_left_running,
     spool_backlog,
+    write_json_atomically,
 )
 from orchestration.trial import (
     CV_BASELINE,
@@ -271,10 +272,10 @@ def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
     return params
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def ui_path(experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs in the "Model training" view. MLflow 3 opens in its GenAI view
+    whatever the experiment's kind tag says (`EXPERIMENT_TAGS`); the `workflowType` parameter switches it."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 @contextlib.contextmanager
@@ -315,7 +316,7 @@ def _ray_session(num_cpus: int | None, spec: SweepSpec, address: str | None = No
             auth_setup.setLevel(level)
     try:
         if record is not None:
-            _write_json(record, ray_session_record(started.address_info))
+            write_json_atomically(record, ray_session_record(started.address_info))
         yield
     finally:
         ray.shutdown()
@@ -537,7 +538,7 @@ def run_sweep(
                 "data_root": str(Path(data_root).resolve()),
                 "created": started,
             }
-            _write_json(paths.state, state)
+            write_json_atomically(paths.state, state)
             parent.log_params(_sweep_params(spec))
             parent.log_artifact(paths.spec)
             parent.log_artifact(paths.folds)
@@ -657,7 +658,7 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
                 close_trial_runs(Path(row["path"]), row["status"], state["tracking_uri"], timeout_s=30.0)
         for spool in find_spool_dirs(paths.trials):  # trials without a row (e.g. Tune never recorded them)
             finalize_spool(spool, "KILLED", state["tracking_uri"], timeout_s=30.0)
-    _write_json(paths.leaderboard, leaderboard_json(Leaderboard(rows, _tune_source(paths), spec)))
+    write_json_atomically(paths.leaderboard, leaderboard_json(Leaderboard(rows, _tune_source(paths), spec)))
     best = next((row for row in rows if row["status"] == "completed"), None)
     finished = sum(row["status"] not in ("interrupted", "pending") for row in rows)  # the summary's step
     if best is not None:  # under the trials' own keys, so the runs table sorts and shows sweeps and trials alike
@@ -687,7 +688,8 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
         summary = ", ".join(f"{counts[status]} {status}" for status in _ENDED)
         verb = "failed (no trial completed)" if failed else "finished"
         out(f"sweep {spec.name} {verb} in {wall:.0f} s: {summary}")
-    out(f"MLflow store: {state['tracking_uri']}  (make ui, then open experiment {spec.tracking.experiment!r})")
+    out(f"MLflow store: {state['tracking_uri']}  (make ui, then open experiment {spec.tracking.experiment!r}: "
+        f"http://127.0.0.1:5000/{ui_path(state['experiment_id'])})")
     backlog = spool_backlog(paths.root)
     if backlog.records:
         out(f"{backlog.describe()} pending: run `cpews sweep sync {spec.name}`")

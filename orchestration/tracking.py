@@ -116,6 +116,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+# MLflow logs "Creating initial MLflow database tables" / "Updating database tables" at INFO on every new store;
+# the sweep prints where its store is, so those lines only interrupt the header.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 SPOOL_FORMAT = "cpews-spool/1"
@@ -356,10 +359,14 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_json_atomically(path: str | Path, data: Any) -> None:
+    """Write `data` as JSON (sorted keys; other objects as their str) to `path` through a temporary file beside
+    it, fsync'd, then `os.replace`: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+        json.dump(data, f, indent=1, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -461,7 +468,7 @@ class _Spool:
         return _read_json(self.root / _META)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        _write_json_atomic(self.root / _META, {"format": SPOOL_FORMAT, **meta})
+        write_json_atomically(self.root / _META, {"format": SPOOL_FORMAT, **meta})
 
     def artifact_slot(self) -> tuple[str, Path]:
         """A fresh folder for the files of the next record (relative name, path)."""
@@ -493,7 +500,7 @@ class _Spool:
                 shutil.rmtree(self.root / item.record["dir"], ignore_errors=True)
 
     def _write_position(self) -> None:
-        _write_json_atomic(
+        write_json_atomically(
             self.root / _POSITION,
             {
                 "seq": self.delivered_seq,
@@ -527,7 +534,7 @@ class _Spool:
         shutil.rmtree(self.root / entry["record"]["dir"], ignore_errors=True)
 
     def _write_deferred(self) -> None:
-        _write_json_atomic(self.root / _DEFERRED, {str(seq): entry for seq, entry in self.deferred.items()})
+        write_json_atomically(self.root / _DEFERRED, {str(seq): entry for seq, entry in self.deferred.items()})
 
     def reject(self, item: _Pending | None, error: str, detail: Any = None) -> None:
         entry = {"seq": item.seq if item else None, "error": error, "detail": detail}
@@ -878,7 +885,7 @@ class RunLogger:
             if long_values:
                 self._full_params.update(long_values)
                 full_path = self.spool_dir / FULL_PARAMS_ARTIFACT
-                _write_json_atomic(full_path, self._full_params)
+                write_json_atomically(full_path, self._full_params)
                 self._append_artifact(full_path, None)
             self._deliver_in_call()
 

@@ -22,8 +22,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,7 +35,7 @@ from ray.tune.stopper import TimeoutStopper
 
 from cpews.training import keys
 from orchestration.search_space import DefineByRun, SweepSpec
-from orchestration.tracking import finalize_spool, find_spool_dirs
+from orchestration.tracking import finalize_spool, find_spool_dirs, write_json_atomically
 from orchestration.trial import (
     CV_MEAN,
     CV_STD,
@@ -79,7 +77,6 @@ __all__ = [
     "restore_tuner",
     "trial_events_to",
     "trial_outcome",
-    "write_json_atomically",
 ]
 
 CHECKPOINTS_KEPT = 2  # per trial: the newest (mid-fold or fold end) and the one before it
@@ -133,18 +130,6 @@ def read_stop_reasons(path: str | Path) -> StopReasons:
     return StopReasons(frozenset(scheduler), budget)
 
 
-def write_json_atomically(path: str | Path, data: Any) -> None:
-    """Write `data` as JSON to `path` through a temporary file beside it and `os.replace` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_scheduler_state(path: str | Path) -> dict[str, Any] | None:
