@@ -57,7 +57,7 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, OSError, EOFError, KeyError, UnpicklingError, ...
-        _log.debug("torch.load(%s) failed", path, exc_info=True)
+        _log.debug("loading %s (weights only) failed", path, exc_info=True)
         raise TorchFileError(path, _load_failure_reason(path, exc)) from None
 
 

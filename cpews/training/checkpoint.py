@@ -218,28 +218,10 @@ def newest_valid_checkpoint(
         raise CheckpointError("no checkpoint to resume from")
     if not paths[0].is_file():  # a wrong path, not a damaged file: nothing to fall back from
         raise CheckpointError(f"checkpoint {str(paths[0])!r}: no such file")
-    damaged: list[str] = []
-    best: tuple[Path, Checkpoint] | None = None
-    for index, path in enumerate(paths):
-        step = checkpoint_step(path)
-        if index > 0 and best is not None and step is not None and step <= best[1].iteration:
-            continue
-        try:
-            checkpoint = load_checkpoint(path, map_location)
-        except CheckpointError as exc:
-            damaged.append(str(exc))
-            continue
-        if index == 0:
-            return ValidCheckpoint(path, checkpoint, [])
-        if best is None or checkpoint.iteration > best[1].iteration:
-            best = (path, checkpoint)
-    if best is None:
-        tried = f"; no valid older checkpoint either ({len(paths) - 1} tried)" if len(paths) > 1 else ""
-        raise CheckpointError(f"{damaged[0]}{tried}")
-    also = f" (also unusable: {'; '.join(damaged[1:])})" if len(damaged) > 1 else ""
-    warn(f"{damaged[0]}; resuming from the newest valid checkpoint {str(best[0])!r} (step {best[1].iteration}) "
-         f"instead{also}")
-    return ValidCheckpoint(best[0], best[1], damaged)
+    try:
+        return ValidCheckpoint(paths[0], load_checkpoint(paths[0], map_location), [])
+    except CheckpointError as exc:
+        return _furthest_loadable(paths[1:], [str(exc)], len(paths), map_location)
 
 
 def furthest_valid_checkpoint(
@@ -258,7 +240,19 @@ def furthest_valid_checkpoint(
     paths = [Path(p) for p in candidates]
     if not paths:
         raise CheckpointError("no checkpoint to resume from")
-    damaged: list[str] = []
+    return _furthest_loadable(paths, [], len(paths), map_location)
+
+
+def _furthest_loadable(
+    paths: Sequence[Path], damaged: list[str], tried: int, map_location: str | torch.device
+) -> ValidCheckpoint:
+    """Of `paths`, the loadable checkpoint with the most steps (of equals, the first); a periodic checkpoint is
+    not read once a loaded one has at least its steps. `damaged` holds the failures of candidates already tried
+    (`tried` candidates in all); a fallback from any of them is announced by one warning line.
+
+    Raises:
+        CheckpointError: none loads; names the first failure.
+    """
     best: tuple[Path, Checkpoint] | None = None
     for path in paths:
         step = checkpoint_step(path)
@@ -272,8 +266,8 @@ def furthest_valid_checkpoint(
         if best is None or checkpoint.iteration > best[1].iteration:
             best = (path, checkpoint)
     if best is None:
-        tried = f"; no valid older checkpoint either ({len(paths) - 1} tried)" if len(paths) > 1 else ""
-        raise CheckpointError(f"{damaged[0]}{tried}")
+        either = f"; no valid older checkpoint either ({tried - 1} tried)" if tried > 1 else ""
+        raise CheckpointError(f"{damaged[0]}{either}")
     if damaged:
         also = f" (also unusable: {'; '.join(damaged[1:])})" if len(damaged) > 1 else ""
         warn(f"{damaged[0]}; resuming from the newest valid checkpoint {str(best[0])!r} (step {best[1].iteration}) "
