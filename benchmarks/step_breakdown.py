@@ -4,7 +4,9 @@ Usage: python benchmarks/step_breakdown.py [--config synthetic_demo] [--set k=v 
 
 Prints the median time of: multi-scale CAM (no grad), gradient forward, PAR + pseudo label, losses,
 backward + optimizer step, the whole CPEWS step, and a plain classification step of the same backbone and batch
-(forward, multilabel soft-margin loss, backward, AdamW step), with the ratio of the two.
+(forward, multilabel soft-margin loss, backward, AdamW step), with the ratio of the two. The parts are timed in
+interleaved rounds (each round runs every part once), so that a change in the machine's load while it runs
+shifts all of them alike.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +27,17 @@ from cpews.training.step import StepContext, compute_losses, ism_term, seg_pseud
 from cpews.training.trainer import build_optimizer
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function over `repeats` rounds that run every function once, after a warm-up."""
+    for fn in fns.values():
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -49,7 +55,7 @@ def main() -> None:
     labels[:, 0] = 1
     boxes = torch.tensor([[0, s, 0, s]] * b)
     batch = {"image": images, "labels": labels, "box": boxes}
-    model = build_model(cfg, num_classes=c).train()
+    model = build_model(cfg, num_classes=c, weights="").train()  # random init: the timing does not depend on it
     optimizer = build_optimizer(cfg, model)
     it = max(cfg.loss.seg_warmup_iters, cfg.loss.ism_warmup_iters) + 1  # every term active
 
@@ -103,10 +109,10 @@ def main() -> None:
         plain_opt.step()
 
     r = args.repeats
-    t_cam, t_fwd, t_par = timed(cams, r), timed(forward, r), timed(par, r)
-    t_fwd_loss = timed(losses, r)
-    t_bwd = timed(backward_step, r) - t_fwd_loss
-    t_full, t_plain = timed(full_step, r), timed(plain_step, r)
+    t = interleaved_medians({"cam": cams, "forward": forward, "par": par, "losses": losses,
+                             "backward_step": backward_step, "full": full_step, "plain": plain_step}, r)
+    t_cam, t_fwd, t_par, t_fwd_loss, t_full, t_plain = (t[k] for k in ("cam", "forward", "par", "losses", "full", "plain"))
+    t_bwd = t["backward_step"] - t_fwd_loss
     print(f"config={args.config} batch={b} crop={s} threads={torch.get_num_threads()} repeats={r} (medians)")
     rows = [
         ("multi-scale CAM (no grad)", t_cam),

@@ -116,6 +116,7 @@ class DataConfig:
     synthetic_val: int = ranged(300, AT_LEAST_1)  # [I]
     synthetic_seed: int = ranged(0, SEED)  # [I]
     confounder_strength: float = ranged(0.9, UNIT)  # P(water band | boat image) [I]
+    confounder_leak: float = ranged(0.02, UNIT)  # P(water band | image without a boat) [I]
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class PretrainConfig:
     val_images: int = ranged(200, AT_LEAST_1)  # held-out images of that set, scored once at the end (CAM mIoU, F1) [I]
     image_size: int = ranged(64, SYNTHETIC_IMAGE_SIZE)  # [I]
     confounder_strength: float = ranged(0.9, UNIT)  # P(water band | boat image) in the pretraining set [I]
+    confounder_leak: float = ranged(0.02, UNIT)  # P(water band | image without a boat) in the pretraining set [I]
     iters: int = ranged(3000, AT_LEAST_1)  # optimizer steps [I]
     cls_iters: int = ranged(2500, AT_LEAST_0)  # steps of classification alone; ISM and seg losses join after them [I]
     batch_size: int = ranged(16, AT_LEAST_1)  # [I]

@@ -3,11 +3,17 @@
 PAR follows AFA (Ru et al., "Learning Affinity from Attention", CVPR 2022), as copied into ToCo: a fixed
 48-neighbour dilated ring, a colour affinity normalised by the local standard deviation plus a weak position
 prior, propagated for a fixed number of iterations. Everything here runs under ``torch.no_grad()``.
+
+The neighbours are gathered with one clamped index (no loop over the kernel), and the propagation is a sparse
+CSR matrix product (``h*w`` rows of at most 48 entries) repeated ``iters`` times, with no host-device sync.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,39 +35,104 @@ def par_kernel_offsets(dilations: Sequence[int]) -> Tensor:
     return torch.tensor(offsets, dtype=torch.long)
 
 
-def _clamp_pad(x: Tensor, pad: int) -> Tensor:
-    """Replicate-pad the last two dims by ``pad`` via index clamping (works when ``pad`` exceeds the size).
+# Constants of the PAR kernel are made once per shape, settings and device, on the CPU and copied to the device
+# once: a copy per call from pageable memory would synchronise the host with the device.
+_CACHE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _neighbour_index(size: tuple[int, int], dilations: tuple[int, ...], device: torch.device) -> Tensor:
+    """Flat index of the neighbour ``p + offset`` of every pixel, clamped to the border (replicate padding).
 
     Shapes:
-        x: (..., h, w).
-        returns: (..., h + 2*pad, w + 2*pad).
+        returns: (M, h*w) int64 into a row-major ``h x w`` grid, in `par_kernel_offsets` order.
     """
-    height, width = x.shape[-2:]
-    rows = torch.arange(-pad, height + pad, device=x.device).clamp_(0, height - 1)
-    cols = torch.arange(-pad, width + pad, device=x.device).clamp_(0, width - 1)
-    return x.index_select(-2, rows).index_select(-1, cols)
-
-
-def _neighbour_views(padded: Tensor, offsets: Tensor, pad: int, size: tuple[int, int]) -> list[Tensor]:
-    """The shifted views ``x(p + offset)`` of a clamp-padded tensor, one (..., h, w) view per offset."""
     height, width = size
-    views = []
-    for d_row, d_col in offsets.tolist():
-        r0, c0 = pad + d_row, pad + d_col
-        views.append(padded[..., r0 : r0 + height, c0 : c0 + width])
-    return views
+    offsets = par_kernel_offsets(dilations)
+    rows = torch.arange(height)[None, :, None] + offsets[:, 0, None, None]
+    cols = torch.arange(width)[None, None, :] + offsets[:, 1, None, None]
+    index = rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)  # (M, h, w)
+    return index.reshape(len(offsets), height * width).to(device)
 
 
-def _position_logits(offsets: Tensor, w1: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``kappa_pos`` for every neighbour: ``-(rho / ((std(rho) + 1e-8) * w1))^2`` with ``rho = d * |o|``.
+def _gather_neighbours(x: Tensor, index: Tensor) -> Tensor:
+    """``x(p + offset)`` for every offset in one gather.
+
+    Shapes: x (B, C, h, w), index (M, h*w) from `_neighbour_index` -> (B, C, M, h, w).
+    """
+    batch, channels, height, width = x.shape
+    gathered = x.reshape(batch, channels, height * width).index_select(-1, index.reshape(-1))
+    return gathered.view(batch, channels, index.shape[0], height, width)
+
+
+class _PropagationPattern(NamedTuple):
+    """The sparsity pattern of one image's PAR propagation matrix, clamped duplicate neighbours merged.
+
+    ``crow`` / ``col`` are the CSR row pointers and sorted column indices of the ``U`` distinct
+    (pixel, neighbour) pairs, int32 (the index type of MKL's and cuSPARSE's fast paths); ``slot`` maps each of
+    the ``M * n`` (offset, pixel) entries of the affinity, offset-major, to its pair, int64.
+    Shapes: crow (n + 1,), col (U,), slot (M * n,).
+    """
+
+    crow: Tensor
+    col: Tensor
+    slot: Tensor
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _propagation_pattern(
+    size: tuple[int, int], dilations: tuple[int, ...], device: torch.device
+) -> _PropagationPattern:
+    """`_PropagationPattern` of an ``h x w`` image (made on the CPU: `torch.unique` on a device synchronises)."""
+    pixels = size[0] * size[1]
+    index = _neighbour_index(size, dilations, torch.device("cpu"))  # (M, n)
+    keys = torch.arange(pixels)[None, :] * pixels + index  # (pixel, neighbour) pairs, row-major order
+    unique_keys, slot = torch.unique(keys.reshape(-1), sorted=True, return_inverse=True)
+    rows = torch.div(unique_keys, pixels, rounding_mode="floor")
+    crow = torch.zeros(pixels + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=pixels).cumsum(0)
+    col = unique_keys - rows * pixels
+    return _PropagationPattern(crow.int().to(device), col.int().to(device), slot.to(device))
+
+
+def _propagation_matrix(affinity: Tensor, dilations: Sequence[int]) -> Tensor:
+    """The block-diagonal sparse CSR matrix ``P`` with ``(P q)(p) = sum_m a_m(p) q(p + offset_m)`` (§4.1).
+
+    Neighbours clamped onto the same pixel add up, as the summed shifted views of a replicate-padded image do.
 
     Shapes:
-        returns: (M,) for M neighbours.
+        affinity: (B, M, h, w) from `par_affinity`.
+        returns: (B*h*w, B*h*w) sparse CSR of the dtype of ``affinity``; image b owns rows and columns
+            ``b*h*w .. (b+1)*h*w - 1``.
     """
-    rho = offsets.to(dtype=torch.float64).norm(dim=1)
+    batch, _, height, width = affinity.shape
+    pixels = height * width
+    pattern = _propagation_pattern((height, width), tuple(dilations), affinity.device)
+    pairs = pattern.col.numel()
+    values = affinity.new_zeros(batch, pairs).index_add_(1, pattern.slot, affinity.reshape(batch, -1))
+    index_dtype = torch.int32 if batch * pairs < 2**31 else torch.int64
+    crow, col = pattern.crow.to(index_dtype), pattern.col.to(index_dtype)
+    images = torch.arange(batch, device=affinity.device, dtype=index_dtype)[:, None]
+    crow = torch.cat([(crow[:-1] + images * pairs).reshape(-1), crow[-1:] * batch])
+    col = (col + images * pixels).reshape(-1)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state", once per process
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, col, values.reshape(-1), (batch * pixels, batch * pixels), check_invariants=False
+        )
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _position_term(dilations: tuple[int, ...], w1: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``softmax_q kappa_pos(q)`` with ``kappa_pos = -(rho / ((std(rho) + 1e-8) * w1))^2``, ``rho = d * |o|``.
+
+    Shapes:
+        returns: (M,) for M neighbours, in `par_kernel_offsets` order.
+    """
+    rho = par_kernel_offsets(dilations).to(dtype=torch.float64).norm(dim=1)
     std = rho.std()  # unbiased, over the M neighbours
     logits = -((rho / ((std + 1e-8) * w1)) ** 2)  # §4.1 position term
-    return logits.to(dtype=dtype, device=device)
+    return torch.softmax(logits.to(dtype), dim=0).to(device)
 
 
 def par_affinity(
@@ -82,16 +153,13 @@ def par_affinity(
         returns: (B, M, h, w), M = 8 * len(dilations) (48 by default), in `par_kernel_offsets` order.
     """
     with torch.no_grad():
-        offsets = par_kernel_offsets(dilations)
-        pad = max(abs(d) for d in dilations)
+        dilations = tuple(dilations)
         size = (images.shape[-2], images.shape[-1])
-        neighbours = torch.stack(_neighbour_views(_clamp_pad(images, pad), offsets, pad, size), dim=2)
-        # neighbours: (B, 3, M, h, w)
+        neighbours = _gather_neighbours(images, _neighbour_index(size, dilations, images.device))  # (B, 3, M, h, w)
         sigma = neighbours.std(dim=2, keepdim=True)  # unbiased
-        distance = (neighbours - images.unsqueeze(2)).abs() / ((sigma + 1e-8) * w1)
-        colour_logits = -(distance**2).mean(dim=1)  # (B, M, h, w); §4.1 colour term
-        position_logits = _position_logits(offsets, w1, images.dtype, images.device)
-        position_term = torch.softmax(position_logits, dim=0)[None, :, None, None]
+        scale = ((sigma + 1e-8) * w1).square_().mul_(images.shape[1])  # (B, 3, 1, h, w); mean over channels
+        colour_logits = -((neighbours - images.unsqueeze(2)).square_() / scale).sum(dim=1)  # §4.1 colour term
+        position_term = _position_term(dilations, float(w1), images.dtype, images.device)[None, :, None, None]
         return torch.softmax(colour_logits, dim=1) + w2 * position_term  # §4.1 affinity
 
 
@@ -118,17 +186,25 @@ def par_refine(
         size = (images.shape[-2], images.shape[-1])
         if tuple(scores.shape[-2:]) != size:
             scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
-        affinity = par_affinity(images, dilations=dilations, w1=w1, w2=w2).to(scores.dtype)
-        weights = affinity.unsqueeze(2).unbind(dim=1)  # M tensors of (B, 1, h, w)
-        offsets = par_kernel_offsets(dilations)
-        pad = max(abs(d) for d in dilations)
-        for _ in range(iters):  # §4.1 propagation
-            views = _neighbour_views(_clamp_pad(scores, pad), offsets, pad, size)
-            refined = views[0] * weights[0]
-            for view, weight in zip(views[1:], weights[1:], strict=True):
-                refined.addcmul_(view, weight)
-            scores = refined
-        return scores
+        if iters == 0:
+            return scores
+        dtype = torch.promote_types(scores.dtype, torch.float32)  # sparse products need float32 on the CPU
+        affinity = par_affinity(images, dilations=dilations, w1=w1, w2=w2).to(dtype)
+        batch, channels = scores.shape[:2]
+        pixels = size[0] * size[1]
+        flat = scores.to(dtype).reshape(batch, channels, pixels).transpose(1, 2).reshape(batch * pixels, channels)
+        with torch.autocast(images.device.type, enabled=False):
+            matrix = _propagation_matrix(affinity, dilations)
+            for _ in range(iters):  # §4.1 propagation
+                flat = torch.sparse.mm(matrix, flat)
+        refined = flat.view(batch, pixels, channels).transpose(1, 2).reshape(batch, channels, *size)
+        return refined.to(scores.dtype)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _channel_vector(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Per-channel constants as a (1, C, 1, 1) tensor on ``device``, copied there once."""
+    return torch.tensor(values, dtype=dtype)[None, :, None, None].to(device)
 
 
 def images_for_par(
@@ -144,8 +220,8 @@ def images_for_par(
         returns: (B, 3, H // downscale, W // downscale) in [0, 1], dtype of ``images``.
     """
     with torch.no_grad():
-        mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device)[None, :, None, None]
-        std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device)[None, :, None, None]
+        mean_t = _channel_vector(tuple(mean), images.dtype, images.device)
+        std_t = _channel_vector(tuple(std), images.dtype, images.device)
         rgb = ((images * std_t + mean_t) * 255.0).clamp(0, 255).to(torch.uint8)  # truncating cast
         rgb = rgb.to(images.dtype) / 255.0
         height, width = images.shape[-2:]

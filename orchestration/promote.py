@@ -275,8 +275,8 @@ def _evaluate_heldout(loaded: Any, cfg: Any, data_root: Path, split: str, out: P
     dataset = eval_dataset(cfg, data_root, split=split)
     device = next(loaded.model.parameters()).device
     scores: dict[str, Any] = {"images": len(dataset), "split": split, "per_image": {}}
-    protocols = {"seg": {"final_protocol": False}, "seg_msf": {"final_protocol": True},
-                 "seg_crf": {"final_protocol": True, "crf": True}}
+    protocols = {"seg": {"final_protocol": False}, "seg_msf": {"final_protocol": True, "cams": False},
+                 "seg_crf": {"final_protocol": True, "crf": True, "cams": False}}  # CAM scores once, in "seg"
     out(f"{label}: scoring {len(dataset)} held-out {split} images, {len(protocols)} protocols "
         f"({', '.join(PROTOCOL_NAMES[name] for name in protocols)})")
     with torch.no_grad():

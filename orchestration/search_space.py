@@ -247,10 +247,27 @@ class SchedulerSettings(_FileModel):
 
 
 class ResourceSettings(_FileModel):
-    """What each trial reserves: CPUs, and a fraction of one GPU (0.5: two trials share it) or whole GPUs."""
+    """What each trial reserves: CPUs, and a fraction of one GPU (0.5: two trials share it) or whole GPUs.
 
-    cpu: _Positive = 1.0
-    gpu: Annotated[float, Field(ge=0), BeforeValidator(_not_bool)] = 0.0
+    A trial with N > 1 whole GPUs trains each fold data parallel on N Ray Train workers, one per GPU (NCCL);
+    `workers: N` does the same on CPUs (gloo). The trial's CPUs are split evenly over its workers, and
+    `train.batch_size` is the global batch, split evenly too (`orchestration.ray_train`).
+    """
+
+    cpu: _Positive = Field(1.0, description="CPUs of the trial (split over its workers)")
+    gpu: Annotated[float, Field(ge=0), BeforeValidator(_not_bool)] = Field(
+        0.0, description="a fraction of one GPU (one process), or N whole GPUs (N data-parallel workers)"
+    )
+    workers: _Count | None = Field(
+        None, description="data-parallel training processes of a trial; default: gpu when it is >= 1, else 1"
+    )
+
+    @property
+    def num_workers(self) -> int:
+        """The trial's training processes: `workers`, else one per whole GPU, else 1."""
+        if self.workers is not None:
+            return self.workers
+        return int(self.gpu) if self.gpu >= 1 else 1
 
 
 class ObjectiveSettings(_FileModel):
@@ -911,6 +928,7 @@ class _Validator:
                 f"resources.gpu: {gpu:g}: a trial may take a fraction of one GPU (e.g. 0.5) or whole GPUs, "
                 "not a fraction above 1"
             )
+        self.workers(spec, cfg)
         if available is not None:
             offered = {str(k).lower(): v for k, v in available.items()}
             for name, wanted in (("cpu", cpu), ("gpu", gpu)):
@@ -930,6 +948,24 @@ class _Validator:
             raise self.error(
                 f"resources.gpu: {gpu:g} but {origin} is 'cpu': the trials would hold a GPU they never use"
             )
+
+    def workers(self, spec: SweepSpec, cfg: TrainConfig) -> None:
+        """Data-parallel trials: one worker per whole GPU, a global batch that splits evenly over the workers
+        (each worker gets `cpu / workers` CPUs, a fraction when the trial has fewer CPUs than workers)."""
+        resources, workers = spec.resources, spec.resources.num_workers
+        gpu = resources.gpu
+        if resources.workers is not None and gpu > 0 and workers != (int(gpu) if gpu >= 1 else 1):
+            want = f"{int(gpu)} (one per GPU)" if gpu >= 1 else "1 (a fraction of a GPU holds one process)"
+            raise self.error(f"resources.workers: {workers} with resources.gpu: {gpu:g}; it must be {want}")
+        if workers == 1:
+            return
+        where = _where(spec, "train.batch_size")
+        for batch in _values(spec, cfg, "train.batch_size"):
+            if batch % workers:
+                raise self.error(
+                    f"{where}: train.batch_size {batch} cannot be split over {workers} workers; the global batch is "
+                    f"split evenly, so every value must be a multiple of {workers}"
+                )
 
     # -- cross-field checks --------------------------------------------------------------------------------
 
@@ -1055,6 +1091,17 @@ def _span(spec: SweepSpec, cfg: TrainConfig, key: str) -> tuple[float, float]:
             return float(dist.low), float(dist.high)
     value = float(cfg.to_flat_dict()[key])
     return value, value
+
+
+def _values(spec: SweepSpec, cfg: TrainConfig, key: str) -> list[int]:
+    """Every value integer config `key` can take in the sweep's trials (its choices, its int range by step, or
+    the one fixed / base value)."""
+    for dist in spec.space:
+        if dist.key == key:
+            if dist.kind == "categorical":
+                return [int(v) for v in dist.choices]
+            return list(range(int(dist.low), int(dist.high) + 1, dist.step or 1))
+    return [int(cfg.to_flat_dict()[key])]
 
 
 def _where(spec: SweepSpec, key: str) -> str:

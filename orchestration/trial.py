@@ -1,9 +1,10 @@
 """The sweep's trial: one sampled configuration trained and scored on every fold (a Ray Tune function trainable).
 
-`cv_trial(config, context=...)` trains fold 0, 1, ... in turn. It reports to Tune during a fold (every
-`train.log_every` steps, with a checkpoint every `train.checkpoint_every` steps) and once at the end of each fold,
-so that ASHA (time attribute `cv/folds_completed`) can stop a poor configuration after its first folds and a
-retried or restored trial continues from its last checkpoint, mid-fold included.
+`cv_trial(config, context=...)` trains fold 0, 1, ... in turn (in its own process, or data parallel on the Ray
+Train workers of `orchestration.ray_train` when the sweep's resources ask for more than one worker). It reports
+to Tune during a fold (every `train.log_every` steps, with a checkpoint every `train.checkpoint_every` steps) and
+once at the end of each fold, so that ASHA (time attribute `cv/folds_completed`) can stop a poor configuration
+after its first folds and a retried or restored trial continues from its last checkpoint, mid-fold included.
 
 What a Tune checkpoint of a trial holds (`TrialState`, `trial_state.json`, plus `fold_checkpoint.pt` while a fold
 is in progress): the finished folds' scores, the MLflow run ids of the trial and its folds, the fold in progress
@@ -425,6 +426,7 @@ def run_trial(config: dict, *, context: TrialContext) -> None:
     from cpews.training.prototype_hooks import PrototypeModule
     from cpews.training.trainer import TrainHooks
     from orchestration.kfold import fold_splits
+    from orchestration.ray_train import train_with_workers, worker_layout
     from orchestration.search_space import validate_sweep
     from orchestration.tracking import RunLogger
 
@@ -432,7 +434,8 @@ def run_trial(config: dict, *, context: TrialContext) -> None:
     if os.path.isdir(context.workdir):  # Tune starts trials in their own folder; the config's paths are the driver's
         os.chdir(context.workdir)
     spec = validate_sweep(context.sweep, check_paths=False)
-    torch.set_num_threads(max(1, round(spec.resources.cpu)))
+    layout = worker_layout(spec.resources)  # more than one worker: each fold trains on Ray Train workers
+    torch.set_num_threads(max(1, round(spec.resources.cpu)) if layout.workers == 1 else 1)
     params = trial_params(config)
     cfg = spec.trial_config(params)
     if context.pool_cache_dir and not cfg.proto.cache_dir:
@@ -476,8 +479,6 @@ def run_trial(config: dict, *, context: TrialContext) -> None:
         if str(fold) not in state.fold_run_ids:
             fold_run.log_params({**cfg.to_flat_dict(), "cv.fold": fold, "cv.k": k})
         state.fold_run_ids[str(fold)] = fold_run.run_id
-        module = PrototypeModule(cfg, class_names=names, progress=lambda text, f=fold: say(f, text))
-        hooks = module.hooks() if cfg.proto.n_builds > 0 else TrainHooks()
         fold_resume = resume if state.fold_in_progress == fold else None
         start_iteration = state.fold_iteration if fold_resume is not None else 0
         if fold_resume is not None:
@@ -490,10 +491,22 @@ def run_trial(config: dict, *, context: TrialContext) -> None:
             on_iteration=_fault_kill(trial_dir, context.kill_at, fold),
         )
         state.timings["time/setup_s"] += time.perf_counter() - fold_started
-        result = train(
-            cfg, reporter, out_dir=trial_dir / f"fold_{fold}", resume=fold_resume, train_ids=train_ids,
-            val_ids=val_ids, val_split=context.split, hooks=hooks, progress=False,
-        )
+        if layout.workers > 1:
+            outcome = train_with_workers(
+                cfg, reporter, layout=layout, out_dir=trial_dir / f"fold_{fold}", resume=fold_resume,
+                train_ids=train_ids, val_ids=val_ids, val_split=context.split, class_names=names,
+                log_path=trial_dir / TRIAL_LOG, label=f"[{trial_name} fold {fold}]",
+                storage_path=trial_dir / "ray_train",
+            )
+            result, cache = outcome.result, outcome.pool_cache
+        else:
+            module = PrototypeModule(cfg, class_names=names, progress=lambda text, f=fold: say(f, text))
+            hooks = module.hooks() if cfg.proto.n_builds > 0 else TrainHooks()
+            result = train(
+                cfg, reporter, out_dir=trial_dir / f"fold_{fold}", resume=fold_resume, train_ids=train_ids,
+                val_ids=val_ids, val_split=context.split, hooks=hooks, progress=False,
+            )
+            cache = (module.last_pool.meta.get("cache") if module.last_pool is not None else None) or "none"
         timings = dict(result.timings or {})
         if FIRST_STEP_AT not in state.timings and "loop_start_epoch" in timings:
             state.timings[FIRST_STEP_AT] = timings["loop_start_epoch"]
@@ -505,7 +518,6 @@ def run_trial(config: dict, *, context: TrialContext) -> None:
         if not math.isfinite(score):
             raise RuntimeError(f"fold {fold}: non-finite {keys.VAL_MIOU_SEG}={score}")
         artifacts_started = time.perf_counter()
-        cache = (module.last_pool.meta.get("cache") if module.last_pool is not None else None) or "none"
         if cache in state.pool_cache:
             state.pool_cache[cache] += 1
         _log_fold_artifacts(

@@ -389,11 +389,13 @@ def make_scheduler(spec: SweepSpec, stops_path: str | Path | None = None,
 
 
 def make_trainable(spec: SweepSpec, context: TrialContext) -> Any:
-    """`cv_trial` with the sweep's context and per-trial resources."""
+    """`cv_trial` with the sweep's context and per-trial resources (a multi-worker trial's are its Ray Train
+    workers', `orchestration.ray_train.trial_resources`)."""
     from ray import tune
 
-    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    return tune.with_resources(tune.with_parameters(cv_trial, context=context), resources)
+    from orchestration.ray_train import trial_resources
+
+    return tune.with_resources(tune.with_parameters(cv_trial, context=context), trial_resources(spec.resources))
 
 
 def trial_outcome(status: str, last_result: Mapping[str, Any] | None, k: int, stopped_by: str | None = None) -> str:

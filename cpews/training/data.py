@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from cpews.config import TrainConfig
+from cpews.config import DataConfig, TrainConfig
 from cpews.data import EvalDataset, TrainDataset, class_table, ensure_synthetic_dataset, validate_dataset
 from cpews.data.remote import is_s3, sync_prefix
 
 DATA_DIR_ENV = "CPEWS_DATA_DIR"
+DEFAULT_CONFOUNDER_LEAK = DataConfig.confounder_leak
 
 
 def synthetic_root(cfg: TrainConfig) -> Path:
@@ -24,6 +25,8 @@ def synthetic_root(cfg: TrainConfig) -> Path:
         f"synthetic-{d.synthetic_image_size}px-{d.synthetic_train}x{d.synthetic_val}"
         f"-seed{d.synthetic_seed}-conf{d.confounder_strength:g}"
     )
+    if d.confounder_leak != DEFAULT_CONFOUNDER_LEAK:  # the folders of the default leak keep their earlier names
+        name += f"-leak{d.confounder_leak:g}"
     return base / name
 
 
@@ -44,6 +47,7 @@ def resolve_data_root(cfg: TrainConfig, *, validate: bool = True) -> Path:
             n_train=d.synthetic_train,
             n_val=d.synthetic_val,
             confounder_strength=d.confounder_strength,
+            confounder_leak=d.confounder_leak,
         )
         return root
     root = sync_prefix(d.root).path if is_s3(d.root) else Path(d.root)  # s3://: a local copy, once per machine

@@ -100,6 +100,7 @@ def pretrain_config(cfg: TrainConfig) -> TrainConfig:
         "data.synthetic_image_size": p.image_size,
         "data.crop_size": p.image_size,
         "data.confounder_strength": p.confounder_strength,
+        "data.confounder_leak": p.confounder_leak,
         "data.num_workers": cfg.data.num_workers,
         "loss.ism_warmup_iters": p.cls_iters,
         "loss.seg_warmup_iters": p.cls_iters,

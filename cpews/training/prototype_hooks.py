@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from cpews.cam import token_boxes, valid_token_mask
@@ -48,6 +49,7 @@ from cpews.prototypes import (
 from cpews.training.checkpoint import config_differences, load_checkpoint, warn
 from cpews.training.data import eval_dataset
 from cpews.training.device import autocast_factory
+from cpews.training.distributed import broadcast_tensors, current_world
 from cpews.training.step import LossTerm, StepContext
 from cpews.training.trainer import TrainHooks, TrainState
 
@@ -410,11 +412,12 @@ class PrototypeModule:
             region_threshold=ctx.cfg.proto.region_threshold,
             temperature=ctx.cfg.proto.temperature,
         )
-        self._record(
-            ctx,
-            {STAT_PDL_RMS_POS: out.rms_pos, STAT_PDL_RMS_NEG: out.rms_neg, STAT_PDL_PAIRS: out.pairs.float()},
-        )
-        return out.loss
+        pairs, rms_pos, rms_neg = out.pairs.float(), out.rms_pos, out.rms_neg
+        if ctx.split.size > 1:  # the global batch's pairs and mean distances (rms_* are NaN without pairs)
+            sums = ctx.split.sum(torch.stack([pairs, torch.nan_to_num(rms_pos * pairs), torch.nan_to_num(rms_neg * pairs)]))
+            pairs, rms_pos, rms_neg = sums[0], sums[1] / sums[0], sums[2] / sums[0]
+        self._record(ctx, {STAT_PDL_RMS_POS: rms_pos, STAT_PDL_RMS_NEG: rms_neg, STAT_PDL_PAIRS: pairs})
+        return ctx.split.share(out.loss, out.pairs)  # a mean over the pairs 𝒥 of the global batch
 
     def ssl_term(self, ctx: StepContext) -> Tensor:
         pool = self._pool(ctx)
@@ -429,34 +432,49 @@ class PrototypeModule:
             pool["neg_ss_n"],
             region_threshold=ctx.cfg.proto.region_threshold,
         )
-        self._record(ctx, {STAT_SSL_TOKENS: out.tokens_suppressed.float()})
-        return out.loss
+        self._record(ctx, {STAT_SSL_TOKENS: ctx.split.sum(out.tokens_suppressed.float())})
+        return ctx.split.share(out.loss, out.tokens_suppressed)  # a mean over the global batch's selected tokens
 
     # -- pool builds ---------------------------------------------------------------------------------------
 
-    def _build(self, state: TrainState) -> None:
-        self.last_pool = build_model_pool(
-            state.cfg,
-            state.model,
-            data_root=state.data_root,
-            train_ids=state.train_ids,
-            out_dir=state.out_dir,
-            iteration=state.iteration,
-            class_names=self.class_names,
-            superclasses=self.superclasses,
-            progress=self.progress,
-        )
+    def _build(self, state: TrainState, *, broadcast: bool = True) -> None:
+        """Build the pool on rank 0 (files, cache and all) and, with `broadcast`, copy its buffers to the other
+        processes (every process must call this then)."""
+        world = current_world()
+        if world.is_main:
+            self.last_pool = build_model_pool(
+                state.cfg,
+                state.model,
+                data_root=state.data_root,
+                train_ids=state.train_ids,
+                out_dir=state.out_dir,
+                iteration=state.iteration,
+                class_names=self.class_names,
+                superclasses=self.superclasses,
+                progress=self.progress,
+            )
+        if broadcast:
+            broadcast_tensors([*state.model.pool().values(), state.model.pool_ready], world)
 
     def after_step(self, state: TrainState) -> None:
-        """Build the pool when `state.iteration` (steps taken) is a scheduled build > 0 (§8.2 step 4)."""
+        """Build the pool when `state.iteration` (steps taken) is a scheduled build > 0 (§8.2 step 4).
+
+        Data parallel, every process calls this at the same step: rank 0 builds, the others receive the pool.
+        """
         if state.iteration > 0 and state.iteration in self.builds:
-            if self.progress:
+            if self.progress and current_world().is_main:
                 self.progress(f"pool build: after step {state.iteration} (schedule {self.builds})")
             self._build(state)
 
     def before_training(self, state: TrainState) -> None:
-        """The build at step 0, if scheduled. Call only on a fresh start (a resumed model has its pool)."""
+        """The build at step 0, if scheduled. Call only on a fresh start (a resumed model has its pool).
+
+        Data parallel, rank 0 loads `proto.checkpoint` and builds; the trainer then copies rank 0's model (weights
+        and pool) to the other processes (`cpews.training.distributed.broadcast_module`).
+        """
         if not self.builds or self.builds[0] != 0:
+            return
+        if not current_world().is_main:
             return
         if state.cfg.proto.source == "checkpoint":
             self.last_pool = pool_from_checkpoint(
@@ -470,7 +488,7 @@ class PrototypeModule:
                 progress=self.progress,
             )
         else:
-            self._build(state)
+            self._build(state, broadcast=False)
 
     def hooks(self) -> TrainHooks:
         fields: dict[str, Any] = {

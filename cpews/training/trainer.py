@@ -5,6 +5,11 @@ files. Progress leaves through `reporter(metrics, checkpoint_dir)`, so a sweep c
 module importing anything from the orchestration layer. The prototype module's hooks come in through `hooks`:
 the public `cpews.training.train` (`cpews.training.default_hooks`) composes them, so this module does not
 import `cpews.training.prototype_hooks` (which imports this one).
+
+Under an initialised `torch.distributed` process group the loop runs data parallel (`cpews.training.distributed`):
+each process trains on its slice of every global batch of `train.batch_size` images, the loss terms are shares
+of the global batch's means and the gradients are summed, so the steps equal one process's on the whole batch;
+only rank 0 validates, writes `out_dir` and calls the reporter.
 """
 
 from __future__ import annotations
@@ -37,6 +42,19 @@ from cpews.training.checkpoint import (
 )
 from cpews.training.data import class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.device import autocast_factory, select_device
+from cpews.training.distributed import (
+    WHOLE_BATCH,
+    BatchSplit,
+    all_reduce_gradients,
+    barrier,
+    broadcast_module,
+    current_world,
+    gather_rows,
+    main_first,
+    per_process_batch_size,
+    process_device,
+    rank_loader,
+)
 from cpews.training.optim import PolyWarmupAdamW, build_optimizer
 from cpews.training.pretrain import resolve_weights
 from cpews.training.progress import ProgressDisplay
@@ -85,6 +103,24 @@ def print_reporter(metrics: dict[str, float], checkpoint_dir: Path | None) -> No
     if any(k.startswith("val/") for k in metrics):
         text = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
         print(f"[val] it={int(metrics.get(keys.TRAIN_ITERATION, 0))}  {text}", flush=True)
+
+
+def _no_report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    """The reporter of the processes other than rank 0 (data parallel): rank 0 reports for all."""
+
+
+def window_means(window: dict[str, list[torch.Tensor]], split: BatchSplit) -> dict[str, float]:
+    """The mean over the logged steps of each loss term (`window`: name -> one 0-dim value per step in which
+    the term was computed), each step's value summed over the processes first (data parallel: the values are
+    the processes' shares), in one all-reduce."""
+    names = sorted(window)
+    values = split.sum(torch.cat([torch.stack(window[name]).float() for name in names]))
+    means, offset = {}, 0
+    for name in names:
+        count = len(window[name])
+        means[name] = float(values[offset : offset + count].mean())
+        offset += count
+    return means
 
 
 def validation_metrics(result: EvalResult) -> dict[str, float]:
@@ -190,36 +226,48 @@ def train_loop(
     periodic checkpoints but the newest `train.keep_checkpoints` are deleted; a run that finishes deletes them
     all (`last.pt` holds its end), unless `train.keep_checkpoints` is 0.
 
+    Data parallel (a process group is initialised; see the module docstring), every process calls this with the
+    same arguments; `resume` must be readable by each. Rank 0 returns the result, the others return theirs with
+    no validation metrics, once rank 0 has written its files.
+
     `TrainResult.timings` splits the wall time: `setup_s` (model, data, resume), `steps_s` (batches, forward,
     backward, hooks such as pool builds, checkpoint writes), `eval_s` (validation) and `report_s` (time inside
     `reporter`, e.g. a sweep's tracking and Tune reports); `loop_start_epoch` is the wall-clock time (Unix
     seconds) at which the first step began.
     """
     started = time.perf_counter()
-    reporter = reporter or print_reporter
+    world = current_world()
+    per_process_batch_size(cfg.train.batch_size, world)  # a global batch that does not split is refused here
+    split = BatchSplit(world) if world.distributed else WHOLE_BATCH
+    reporter = (reporter or print_reporter) if world.is_main else _no_report
     out_dir = Path(out_dir)
-    device = select_device(cfg.train.device)
-    data_root = resolve_data_root(cfg)
+    device = process_device(select_device(cfg.train.device), world)
+    data_root = main_first(world, lambda: resolve_data_root(cfg))
     names = class_names(cfg)
-    torch.manual_seed(cfg.train.seed)
     # a resumed run takes every weight from its checkpoint: the backbone file is neither read nor made
-    weights = "" if resume else resolve_weights(cfg, progress=lambda text: print(text, flush=True))
+    say = (lambda text: print(text, flush=True)) if world.is_main else None
+    weights = "" if resume else main_first(world, lambda: resolve_weights(cfg, progress=say))
+    torch.manual_seed(cfg.train.seed)  # after a pretraining made on first use, which draws from the same generator
     model = build_model(cfg, num_classes=len(names) - 1, weights=weights).to(device)
     optimizer = build_optimizer(cfg, model)
     start_iter = 0
     if resume:
         start_iter = restore_checkpoint(resume, cfg, model, optimizer)
-    loader = train_loader(cfg, data_root, ids=train_ids, start_batch=start_iter)
+    loader = rank_loader(train_loader(cfg, data_root, ids=train_ids, start_batch=start_iter), world)
     val_data = eval_dataset(cfg, data_root, split=val_split, ids=val_ids, resize=None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    if world.is_main:
+        (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
     autocast = autocast_factory(cfg, device)
     state_args = dict(cfg=cfg, model=model, data_root=data_root, train_ids=train_ids, out_dir=out_dir)
     if start_iter == 0:
         for hook in hooks.before_training:  # e.g. the prototype pool from proto.checkpoint (method.md §6.1)
             hook(TrainState(iteration=0, **state_args))
+    broadcast_module(model, world)  # every process starts from rank 0's model (and a before_training hook's pool)
     max_iters = cfg.optim.max_iters
     display = ProgressDisplay(max_iters, sys.stderr.isatty() if progress is None else progress)
+    if not world.is_main:  # rank 0 shows the progress of all
+        display = ProgressDisplay(max_iters, False, emit=lambda line: None)
     last_val: dict[str, float] = {}
     window: dict[str, list[torch.Tensor]] = {}
     stats_window: dict[str, list[torch.Tensor]] = {}
@@ -255,15 +303,17 @@ def train_loop(
 
     for it, batch in zip(range(start_iter, max_iters), loader):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        losses = compute_losses(model, batch, cfg, it, extra_terms=hooks.extra_terms, autocast=autocast)
+        losses = compute_losses(
+            model, batch, cfg, it, extra_terms=hooks.extra_terms, autocast=autocast, split=split)
         check_now = (it + 1) % max(1, cfg.train.check_finite_every) == 0 or it == start_iter
-        if check_now and not torch.isfinite(losses.total):
+        if check_now and not torch.isfinite(split.sum(losses.total)):  # the global batch's: every process stops
             values = {name: float(value.detach()) for name, value in losses.terms.items()}
             raise NonFiniteLossError(
                 f"non-finite loss at iteration {it}: total={float(losses.total.detach())} terms={values}"
             )
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
+        all_reduce_gradients(model.parameters(), world)
         optimizer.step()
         for name, value in {**losses.terms, "total": losses.total}.items():
             window.setdefault(name, []).append(value.detach())  # synced only when logged
@@ -277,10 +327,11 @@ def train_loop(
             hook(TrainState(iteration=step_count, **state_args))
         if step_count % cfg.train.log_every == 0 or step_count == max_iters:
             elapsed = time.perf_counter() - window_start
-            means = {n: float(torch.stack(v).float().mean()) for n, v in window.items()}
+            means = window_means(window, split)
             metrics = {keys.loss_key(n): v for n, v in means.items() if n != "total"}
             metrics[keys.TRAIN_LOSS] = means["total"]
-            metrics[keys.TRAIN_F1] = multilabel_f1(torch.cat(f1_logits), torch.cat(f1_labels))
+            metrics[keys.TRAIN_F1] = multilabel_f1(
+                gather_rows(torch.cat(f1_logits), world), gather_rows(torch.cat(f1_labels), world))
             metrics[keys.TRAIN_LR] = optimizer.param_groups[0]["lr"]
             metrics[keys.TRAIN_STEPS_PER_SEC] = window_iters / elapsed if elapsed > 0 else math.inf
             metrics[keys.TRAIN_ITERATION] = float(step_count)
@@ -298,6 +349,8 @@ def train_loop(
         final = step_count == max_iters
         validate_now = final or (cfg.eval.every and step_count % cfg.eval.every == 0)
         periodic = bool(cfg.train.checkpoint_every) and step_count % cfg.train.checkpoint_every == 0
+        if not world.is_main:  # rank 0 validates and writes; the others wait for it at the next collective
+            continue
         if validate_now:
             validate(step_count)
         if validate_now or periodic:
@@ -310,12 +363,14 @@ def train_loop(
             reporter(reported, out_dir)
     display.close()
     final_iter = max(start_iter, max_iters)
-    if start_iter >= max_iters:  # nothing left to train: score the checkpoint as it is
-        validate(final_iter)
-        save(final_iter)
-        reporter({**last_val, keys.TRAIN_ITERATION: float(final_iter)}, out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(last_val, indent=2, sort_keys=True))
-    end_periodic_checkpoints(out_dir, cfg.train.keep_checkpoints)
+    if world.is_main:
+        if start_iter >= max_iters:  # nothing left to train: score the checkpoint as it is
+            validate(final_iter)
+            save(final_iter)
+            reporter({**last_val, keys.TRAIN_ITERATION: float(final_iter)}, out_dir)
+        (out_dir / "metrics.json").write_text(json.dumps(last_val, indent=2, sort_keys=True))
+        end_periodic_checkpoints(out_dir, cfg.train.keep_checkpoints)
+    barrier(world)  # no process returns before rank 0's files are written
     wall = time.perf_counter() - started
     loop_s = wall - timings["setup_s"]
     timings["steps_s"] = max(0.0, loop_s - timings["eval_s"] - timings["report_s"])

@@ -202,3 +202,32 @@ def test_ism_token_labels_resizes_and_uses_token_boxes():
     assert torch.all(toco == 255)
     no_box = ism_token_labels(aux_cams, None, 16, (4, 4), 0.7, 0.25)
     assert no_box[0, :2].eq(2).all() and no_box[0, 2:].eq(0).all()
+
+
+@pytest.mark.gpu
+def test_multiscale_cams_do_not_synchronise_on_cuda():
+    # One forward per scale with both flips in it, and nothing that waits for the device (no .item(), no
+    # Python branch on a tensor value): with the sync debug mode at "error" any such call raises.
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(3)
+    weight, aux_weight = torch.randn(3, 3, generator=generator), torch.randn(3, 3, generator=generator)
+    forward = _pooled_linear_forward(weight.to(device), aux_weight.to(device))
+    calls = []
+
+    def counting_forward(x):
+        calls.append(x.shape[0])
+        return forward(x)
+
+    images = torch.randn(2, 3, 32, 24, generator=generator)
+    labels = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    images_on_device, labels_on_device = images.to(device), labels.to(device)  # copies to the device: before
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = multiscale_cams(counting_forward, images_on_device, labels_on_device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert calls == [4, 4, 4]  # 3 scales, the 2B images of both flips in each forward
+    expected = multiscale_cams(_pooled_linear_forward(weight, aux_weight), images, labels)
+    torch.testing.assert_close(out.cams.cpu(), expected.cams, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.aux_cams.cpu(), expected.aux_cams, rtol=1e-4, atol=1e-5)

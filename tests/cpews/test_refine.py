@@ -182,3 +182,170 @@ def test_refine_pseudo_labels_values_no_positive_and_box():
     # no box -> whole image
     whole = refine_pseudo_labels(cams, labels, par_images, None)
     assert torch.all(whole[1] == 0)
+
+
+# --- The loop-over-the-kernel implementation that the gather + sparse-matrix PAR replaced, kept verbatim as the
+# reference: 48 shifted views of a clamp-padded tensor, stacked for the affinity and summed one by one per
+# propagation iteration.
+
+
+def _old_clamp_pad(x, pad):
+    height, width = x.shape[-2:]
+    rows = torch.arange(-pad, height + pad, device=x.device).clamp_(0, height - 1)
+    cols = torch.arange(-pad, width + pad, device=x.device).clamp_(0, width - 1)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _old_neighbour_views(padded, offsets, pad, size):
+    height, width = size
+    views = []
+    for d_row, d_col in offsets.tolist():
+        r0, c0 = pad + d_row, pad + d_col
+        views.append(padded[..., r0 : r0 + height, c0 : c0 + width])
+    return views
+
+
+def _old_position_logits(offsets, w1, dtype, device):
+    rho = offsets.to(dtype=torch.float64).norm(dim=1)
+    std = rho.std()
+    logits = -((rho / ((std + 1e-8) * w1)) ** 2)
+    return logits.to(dtype=dtype, device=device)
+
+
+def _old_par_affinity(images, dilations=DILATIONS, w1=0.3, w2=0.01):
+    offsets = par_kernel_offsets(dilations)
+    pad = max(abs(d) for d in dilations)
+    size = (images.shape[-2], images.shape[-1])
+    neighbours = torch.stack(_old_neighbour_views(_old_clamp_pad(images, pad), offsets, pad, size), dim=2)
+    sigma = neighbours.std(dim=2, keepdim=True)
+    distance = (neighbours - images.unsqueeze(2)).abs() / ((sigma + 1e-8) * w1)
+    colour_logits = -(distance**2).mean(dim=1)
+    position_logits = _old_position_logits(offsets, w1, images.dtype, images.device)
+    position_term = torch.softmax(position_logits, dim=0)[None, :, None, None]
+    return torch.softmax(colour_logits, dim=1) + w2 * position_term
+
+
+def _old_par_refine(images, scores, *, dilations=DILATIONS, iters=10, w1=0.3, w2=0.01):
+    size = (images.shape[-2], images.shape[-1])
+    if tuple(scores.shape[-2:]) != size:
+        scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
+    affinity = _old_par_affinity(images, dilations=dilations, w1=w1, w2=w2).to(scores.dtype)
+    weights = affinity.unsqueeze(2).unbind(dim=1)
+    offsets = par_kernel_offsets(dilations)
+    pad = max(abs(d) for d in dilations)
+    for _ in range(iters):
+        views = _old_neighbour_views(_old_clamp_pad(scores, pad), offsets, pad, size)
+        refined = views[0] * weights[0]
+        for view, weight in zip(views[1:], weights[1:], strict=True):
+            refined.addcmul_(view, weight)
+        scores = refined
+    return scores
+
+
+# (batch, height, width, dilations): square and not, images smaller than the largest dilation (every ring of
+# dilation 24 clamped), a single row, the demo preset's dilations
+SHAPES = [
+    (2, 30, 26, DILATIONS),
+    (3, 17, 40, DILATIONS),
+    (1, 5, 7, DILATIONS),
+    (2, 1, 9, (1, 2)),
+    (4, 32, 32, (1, 2, 4, 8)),
+]
+
+
+@pytest.mark.parametrize(("batch", "height", "width", "dilations"), SHAPES)
+def test_par_affinity_matches_the_views_implementation(batch, height, width, dilations):
+    generator = torch.Generator().manual_seed(height * 100 + width)
+    images = torch.rand(batch, 3, height, width, generator=generator)
+    images[0, :, : height // 2] = 0.25  # a flat region: sigma = 0 there, the 1e-8 guard decides
+    for w1, w2 in [(0.3, 0.01), (0.1, 0.5)]:
+        torch.testing.assert_close(
+            par_affinity(images, dilations, w1=w1, w2=w2),
+            _old_par_affinity(images, dilations, w1=w1, w2=w2),
+            rtol=1e-4,  # the colour term is summed in another order; w1=0.1 sharpens the softmax 9-fold
+            atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize(("batch", "height", "width", "dilations"), SHAPES)
+@pytest.mark.parametrize("iters", [0, 1, 10])
+def test_par_refine_matches_the_views_implementation(batch, height, width, dilations, iters):
+    generator = torch.Generator().manual_seed(height * 100 + width + iters)
+    images = torch.rand(batch, 3, height, width, generator=generator)
+    scores = torch.rand(batch, 5, height, width, generator=generator) * 4 - 1  # signed scores too
+    expected = _old_par_refine(images, scores, dilations=dilations, iters=iters)
+    torch.testing.assert_close(
+        par_refine(images, scores, dilations=dilations, iters=iters), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_par_refine_matches_the_views_implementation_after_resizing_the_scores():
+    generator = torch.Generator().manual_seed(7)
+    images = torch.rand(2, 3, 24, 36, generator=generator)
+    scores = torch.rand(2, 6, 12, 18, generator=generator).softmax(dim=1)
+    torch.testing.assert_close(par_refine(images, scores), _old_par_refine(images, scores), rtol=1e-5, atol=1e-6)
+
+
+def test_par_refine_images_of_a_batch_are_independent():
+    # the block-diagonal matrix: refining a batch equals refining each image alone
+    generator = torch.Generator().manual_seed(8)
+    images = torch.rand(3, 3, 16, 12, generator=generator)
+    scores = torch.rand(3, 4, 16, 12, generator=generator)
+    batched = par_refine(images, scores)
+    for b in range(3):
+        torch.testing.assert_close(batched[b : b + 1], par_refine(images[b : b + 1], scores[b : b + 1]))
+
+
+def test_propagation_matrix_merges_clamped_neighbours_hand_case():
+    # A 1x2 image, dilation 1: the 8 ring offsets (row-major) of pixel 0 (column 0) land, after clamping, on
+    # columns [0, 0, 1, 0, 1, 0, 0, 1]; those of pixel 1 on [0, 1, 1, 0, 1, 0, 1, 1]. With weights
+    # a_m(p0) = m + 1 and a_m(p1) = 10 (m + 1):
+    #   P[0, 0] = 1 + 2 + 4 + 6 + 7 = 20        P[0, 1] = 3 + 5 + 8 = 16
+    #   P[1, 0] = 10 (1 + 4 + 6) = 110          P[1, 1] = 10 (2 + 3 + 5 + 7 + 8) = 250
+    # The second image of the batch (weights doubled) is its own block.
+    from cpews.refine import _propagation_matrix
+
+    m = torch.arange(1.0, 9.0)
+    affinity = torch.stack([m, 10 * m], dim=1).view(1, 8, 1, 2)
+    affinity = torch.cat([affinity, 2 * affinity])
+    expected = torch.zeros(4, 4)
+    expected[:2, :2] = torch.tensor([[20.0, 16.0], [110.0, 250.0]])
+    expected[2:, 2:] = 2 * expected[:2, :2]
+    assert torch.equal(_propagation_matrix(affinity, (1,)).to_dense(), expected)
+    # one propagation step of the scores q = (1, 2) of the first image: (20 + 32, 110 + 500) = (52, 610)
+    step = torch.sparse.mm(_propagation_matrix(affinity[:1], (1,)), torch.tensor([[1.0], [2.0]]))
+    assert torch.equal(step, torch.tensor([[52.0], [610.0]]))
+
+
+def test_par_refine_keeps_a_low_precision_dtype():
+    generator = torch.Generator().manual_seed(9)
+    images = torch.rand(1, 3, 12, 12, generator=generator)
+    scores = torch.rand(1, 3, 12, 12, generator=generator)
+    low = par_refine(images, scores.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), par_refine(images, scores.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_par_and_the_pseudo_labels_do_not_synchronise_on_cuda():
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(10)
+    cams = (torch.rand(2, 4, 64, 48, generator=generator) * torch.tensor([1.0, 0, 1, 0]).view(1, 4, 1, 1)).to(device)
+    labels = torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0]], device=device)
+    images = torch.randn(2, 3, 64, 48, generator=generator).to(device)
+    boxes = torch.tensor([[0, 64, 0, 48], [8, 60, 4, 40]], device=device)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def pseudo_labels():
+        return refine_pseudo_labels(cams, labels, images_for_par(images, mean, std), boxes)
+
+    expected = pseudo_labels()  # first call: the kernel's index tensors are made and copied once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pseudo_labels()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (out != expected).float().mean() < 1e-3  # index_add_ on CUDA may sum border weights in another order
+    cpu = refine_pseudo_labels(cams.cpu(), labels.cpu(), images_for_par(images.cpu(), mean, std), boxes.cpu())
+    assert (out.cpu() != cpu).float().mean() < 0.01  # the same labels up to rare float ties

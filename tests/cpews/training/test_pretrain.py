@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from cpews.config import ConfigError
+from cpews.data import read_synthetic_meta
 from cpews.model import build_model
 from cpews.model.backbone import ViTBackbone
-from cpews.training.data import resolve_data_root
+from cpews.training.data import resolve_data_root, synthetic_root
 from cpews.training.pretrain import (
     backbone_state_dict,
     content_key,
@@ -64,7 +65,7 @@ def test_the_key_follows_pretraining_settings_and_architecture_only(tiny):
                  "optim.lr=0.01", "train.log_every=1", "pretrain.cache_dir=/elsewhere", "data.synthetic_train=40"):
         assert content_key(tiny(same)) == key, same
     for other in ("pretrain.seed=7", "pretrain.images=20", "pretrain.lr=0.002", "pretrain.confounder_strength=0.5",
-                  "model.embed_dim=32", "model.depth=3", "model.patch_size=16"):
+                  "pretrain.confounder_leak=0.3", "model.embed_dim=32", "model.depth=3", "model.patch_size=16"):
         assert content_key(tiny(other)) != key, other
 
 
@@ -137,3 +138,28 @@ def test_pretraining_batches_carry_image_labels_and_no_pixel_label(tiny):
     batch = next(iter(train_loader(pcfg, resolve_data_root(pcfg))))
     assert set(batch) == {"image", "labels", "box", "name"}  # no mask: the losses see image-level labels only
     assert batch["labels"].shape == (8, 6)
+
+
+def test_the_pretraining_set_follows_its_own_confounder_settings(tiny):
+    default, decoupled = pretrain_config(tiny()), pretrain_config(
+        tiny("pretrain.confounder_strength=0.5", "pretrain.confounder_leak=0.3"))
+    assert synthetic_root(default).name.endswith("-conf0.9")  # the default leak keeps the earlier folder name
+    assert synthetic_root(decoupled).name.endswith("-conf0.5-leak0.3")
+    params = read_synthetic_meta(resolve_data_root(decoupled))["params"]
+    assert (params["confounder_strength"], params["confounder_leak"]) == (0.5, 0.3)
+
+
+def test_a_run_that_pretrains_on_first_use_trains_as_one_that_finds_the_backbone_cached(
+        make_micro_config, tmp_path):
+    from cpews.training import TrainHooks, train
+
+    cfg = make_micro_config(*TINY_PRETRAIN, f"pretrain.cache_dir={tmp_path / 'cache'}", "optim.max_iters=2")
+
+    def trained(name: str) -> dict[str, torch.Tensor]:
+        result = train(cfg, lambda metrics, checkpoint_dir: None, out_dir=tmp_path / name, hooks=TrainHooks(),
+                       progress=False)
+        return torch.load(result.checkpoint, weights_only=True)["model"]
+
+    first, second = trained("pretrained_here"), trained("cache_hit")  # the pretraining draws random numbers
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
