@@ -133,3 +133,18 @@ def live_mlflow_server(mlflow_server: MlflowServer) -> MlflowServer:
 def dead_uri() -> str:
     """An http URI on 127.0.0.1 where nothing listens: every request is refused at once."""
     return f"http://{HOST}:{free_port()}"
+
+
+@pytest.fixture
+def ray_env(monkeypatch: pytest.MonkeyPatch, synthetic_data_dir: Path) -> Iterator[None]:
+    """One thread per process; no MLFLOW_TRACKING_URI or RAY_ADDRESS from outside; no Ray left running."""
+    import ray
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

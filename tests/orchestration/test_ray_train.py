@@ -4,7 +4,6 @@ reports through Tune and MLflow as a one-process trial does, and resumes mid-fol
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,21 +55,6 @@ def test_resources_become_workers(resources: dict, layout: WorkerLayout, reserve
 def test_resources_that_cannot_work_are_refused_before_any_trial(overrides: tuple, message: str) -> None:
     with pytest.raises(SweepFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
         demo_spec(*overrides)
-
-
-@pytest.fixture
-def ray_env(monkeypatch: pytest.MonkeyPatch, synthetic_data_dir: Path) -> Iterator[None]:
-    """One thread per process; no MLFLOW_TRACKING_URI or RAY_ADDRESS from outside; no Ray left running."""
-    import ray
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 @pytest.mark.ray

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,21 +58,6 @@ def run_tree(runs: list) -> tuple[list, list, list]:
     for run in by_kind["fold"]:
         assert run.data.tags["mlflow.parentRunId"] in ids["trial"]
     return by_kind["sweep"], by_kind["trial"], by_kind["fold"]
-
-
-@pytest.fixture
-def ray_env(monkeypatch: pytest.MonkeyPatch, synthetic_data_dir: Path) -> Iterator[None]:
-    """One thread per trial; no MLFLOW_TRACKING_URI unless the test sets one; no Ray left running."""
-    import ray
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def test_micro_sweep_against_tracking_server_with_outage(
