@@ -328,6 +328,8 @@ def promote(
     """
     from orchestration.sweep import SweepError, _read_spec, load_leaderboard, sweep_paths
 
+    # MLflow's "Downloading artifacts" bar while it logs and registers the model is not this command's progress
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if metric not in GATE_METRICS:
         raise PromotionError(f"--metric {metric!r} is not one of {', '.join(GATE_METRICS)}")
     run_dir = Path(run_dir)
