@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds
 
 # The options `cpews promote` scores each protocol with (the CAM scores only in the first).
 PROTOCOLS: dict[str, dict[str, bool]] = {
@@ -37,19 +39,6 @@ PROTOCOLS: dict[str, dict[str, bool]] = {
 }
 SCORE_KEYS = {"seg": "miou_seg", "seg_msf": "miou_seg", "seg_crf": "miou_seg_crf"}
 PROTOCOL_NAMES = {"seg": "single scale", "seg_msf": "multi-scale + flip", "seg_crf": "multi-scale + flip + CRF"}
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> tuple[float, object]:
-    """Median wall time of `fn` over `repeats` calls after one warm-up call, and the last call's result."""
-    result = fn()
-    samples = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        result = fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), result
 
 
 def build(args: argparse.Namespace, device: torch.device):
@@ -116,7 +105,7 @@ def main() -> None:
             return evaluate(model, dataset, cfg, class_names=names, device=device, max_images=count, data_root=root,
                             batch_size=args.batch_size, per_image=True, **options)
 
-        seconds, result = median_seconds(run, args.repeats, sync)
+        seconds, result = median_seconds(run, args.repeats, sync=sync, warmup=1)
         figures[name] = {"seconds": round(seconds, 4), "images_per_s": round(count / seconds, 2),
                          "miou": round(result.metrics[SCORE_KEYS[name]], 6)}
         say(f"  {PROTOCOL_NAMES[name]:<26} {seconds:8.2f} s  {count / seconds:8.1f} images/s  "

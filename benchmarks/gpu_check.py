@@ -56,6 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from timing import median_seconds  # noqa: E402
+
 from cpews.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from cpews.data import class_table  # noqa: E402
 from cpews.model import build_model  # noqa: E402
@@ -144,20 +147,6 @@ def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def median_seconds(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn` over `repeats` calls after `warmup` calls, each timed between device syncs."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
@@ -314,7 +303,7 @@ def measure_step(plan: Plan, kind: str, variant: StepVariant, warmup: int) -> di
         step()
     synchronize(plan.device)
     warm_s = time.perf_counter() - started
-    seconds = median_seconds(step, 0, plan.repeats, plan.device)
+    seconds, _ = median_seconds(step, plan.repeats, sync=lambda: synchronize(plan.device))
     row = {"step_ms": seconds * 1000, "images_per_s": plan.cfg.train.batch_size / seconds,
            "peak_mem_gib": peak_memory_gib(plan.device), "warmup_s": warm_s}
     del step
@@ -426,12 +415,10 @@ def bench_pool(plan: Plan, results: dict[str, Any]) -> None:
 
 def bench_kmeans(plan: Plan, budget: Budget, results: dict[str, Any]) -> None:
     """`cpews.prototypes.kmeans` on the device against scikit-learn on every CPU core (§6.3's k, n_init, max_iter)."""
+    from kmeans_pool import clustered_features
     from sklearn.cluster import KMeans
 
     from cpews.prototypes import kmeans
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from kmeans_pool import clustered_features
 
     p, device = plan.cfg.proto, plan.device
     k, n_init, max_iter, seed = p.num_prototypes, p.kmeans_n_init, p.kmeans_max_iter, p.kmeans_seed
@@ -458,7 +445,8 @@ def bench_kmeans(plan: Plan, budget: Budget, results: dict[str, Any]) -> None:
             continue
         on_device = [x.double().to(device) for x in sets]
         ours(on_device[:1])  # warm-up (allocator, kernels)
-        t_ours = median_seconds(lambda on_device=on_device: ours(on_device), 0, 1 if plan.dry else 3, device)
+        t_ours, _ = median_seconds(lambda on_device=on_device: ours(on_device), 1 if plan.dry else 3,
+                                   sync=lambda: synchronize(device))
         inertia_ours = ours(on_device)
         as_numpy = [x.double().numpy() for x in sets]
         start = time.perf_counter()

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds
 
 
 def clustered_features(n: int, dim: int, clusters: int, seed: int) -> torch.Tensor:
@@ -32,18 +36,6 @@ def clustered_features(n: int, dim: int, clusters: int, seed: int) -> torch.Tens
     centres = 1.5 * torch.randn(clusters, dim, generator=generator)
     assignment = torch.randint(clusters, (n,), generator=generator)
     return centres[assignment] + torch.randn(n, dim, generator=generator)
-
-
-def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> tuple[float, object]:
-    result = None
-    samples = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        result = fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), result
 
 
 def pool_build_benchmark(config: str, overrides: list[str], device: torch.device) -> None:
@@ -100,8 +92,8 @@ def kmeans_benchmark(device: torch.device, threads: int, repeats: int, quick: bo
     x = clustered_features(n_big, dim, 20, seed=1)
     x_device, x_numpy = x.double().to(device), x.double().numpy()
     ours(x_device)  # warm-up (allocator, CUDA context)
-    t_ours, inertia_ours = median_time(lambda: ours(x_device), repeats, sync)
-    t_sk, inertia_sk = median_time(lambda: sklearn(x_numpy), repeats, lambda: None)
+    t_ours, inertia_ours = median_seconds(lambda: ours(x_device), repeats, sync=sync)
+    t_sk, inertia_sk = median_seconds(lambda: sklearn(x_numpy), repeats)
     print(
         f"    {n_big} x {dim}: ours {t_ours:.3f} s, sklearn {t_sk:.3f} s, speed-up {t_sk / t_ours:.1f}x; "
         f"inertia ours {inertia_ours:.6g} sklearn {inertia_sk:.6g} (ratio {inertia_ours / inertia_sk:.5f})"
@@ -113,8 +105,8 @@ def kmeans_benchmark(device: torch.device, threads: int, repeats: int, quick: bo
     sets = [clustered_features(n, dim, 8, seed=100 + c) for c, n in enumerate(sizes)]
     sets_device = [s.double().to(device) for s in sets]
     sets_numpy = [s.double().numpy() for s in sets]
-    t_ours, inertias_ours = median_time(lambda: [ours(s) for s in sets_device], repeats, sync)
-    t_sk, inertias_sk = median_time(lambda: [sklearn(s) for s in sets_numpy], repeats, lambda: None)
+    t_ours, inertias_ours = median_seconds(lambda: [ours(s) for s in sets_device], repeats, sync=sync)
+    t_sk, inertias_sk = median_seconds(lambda: [sklearn(s) for s in sets_numpy], repeats)
     print(
         f"    {classes} classes, {sum(sizes)} candidates in all: ours {t_ours:.3f} s, sklearn {t_sk:.3f} s, "
         f"speed-up {t_sk / t_ours:.1f}x"

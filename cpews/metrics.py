@@ -20,10 +20,16 @@ def _valid_pairs(pred: Tensor, gt: Tensor, num_classes: int, ignore_index: int) 
     gt = gt.reshape(-1).long()
     keep = (gt != ignore_index) & (pred != ignore_index)  # §9.1: ignored predictions are excluded
     gt, pred = gt[keep], pred[keep]
-    for name, values in (("gt", gt), ("pred", pred)):
-        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"{name} has values outside [0, {num_classes}) other than {ignore_index}")
+    check_label_range(gt, num_classes, ignore_index, "gt")
+    check_label_range(pred, num_classes, ignore_index, "pred")
     return gt, pred
+
+
+def check_label_range(values: Tensor, num_classes: int, ignore_index: int, name: str) -> None:
+    """Raise ValueError naming `name` when a label of `values` (ignored pixels already removed) is outside
+    ``[0, num_classes)``."""
+    if values.numel() and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(f"{name} has values outside [0, {num_classes}) other than {ignore_index}")
 
 
 def confusion_matrix(pred: Tensor, gt: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
@@ -104,6 +110,19 @@ class SegmentationScores(NamedTuple):
     mean_class_accuracy: float
 
 
+def class_iou(confusion: Tensor) -> Tensor:
+    """``IoU_k = Hm[k,k] / (sum_j Hm[k,j] + sum_j Hm[j,k] - Hm[k,k])`` (§9.1), NaN for classes without a
+    ground-truth pixel.
+
+    Shapes: confusion (..., K, K) counts, one matrix per leading index -> (..., K) float64.
+    """
+    confusion = confusion.to(torch.float64)
+    true_positive = confusion.diagonal(dim1=-2, dim2=-1)
+    gt_count = confusion.sum(dim=-1)
+    union = gt_count + confusion.sum(dim=-2) - true_positive
+    return torch.where(gt_count > 0, true_positive / union.clamp_min(1), torch.full_like(union, float("nan")))
+
+
 def segmentation_scores(confusion: Tensor) -> SegmentationScores:
     """IoU per class, mIoU, pixel accuracy and mean class accuracy from ``Hm[g, p]`` (§9.1).
 
@@ -116,11 +135,9 @@ def segmentation_scores(confusion: Tensor) -> SegmentationScores:
     confusion = confusion.to(torch.float64)
     true_positive = confusion.diagonal()
     gt_count = confusion.sum(dim=1)
-    pred_count = confusion.sum(dim=0)
     present = gt_count > 0
     nan = torch.full_like(true_positive, float("nan"))
-    union = gt_count + pred_count - true_positive
-    iou = torch.where(present, true_positive / union.clamp_min(1), nan)  # §9.1 IoU_k
+    iou = class_iou(confusion)
     class_accuracy = torch.where(present, true_positive / gt_count.clamp_min(1), nan)
     total = confusion.sum()
     pixel_accuracy = float(true_positive.sum() / total) if total > 0 else float("nan")

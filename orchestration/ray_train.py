@@ -86,10 +86,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from cpews.training import train
-    from cpews.training.prototype_hooks import PrototypeModule
-    from cpews.training.trainer import TrainHooks
-    from orchestration.trial import output_to
+    from orchestration.trial import output_to, train_fold
 
     rank = ray.train.get_context().get_world_rank()
     group = ray.util.get_current_placement_group()
@@ -105,17 +102,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
         def say(text: str) -> None:
             print(f"{label} {text}", flush=True)
 
-        module = PrototypeModule(cfg, class_names=config["class_names"], progress=say)
-        hooks = module.hooks() if cfg.proto.n_builds > 0 else TrainHooks()
         if rank == 0:
             say(f"training on {ray.train.get_context().get_world_size()} workers ({config['backend']})")
         reporter = _QueueReporter(config["reports"], config["acks"]) if rank == 0 else None
-        result = train(
-            cfg, reporter, out_dir=config["out_dir"], resume=config["resume"], train_ids=config["train_ids"],
-            val_ids=config["val_ids"], val_split=config["val_split"], hooks=hooks, progress=False,
+        result, cache = train_fold(
+            cfg, reporter, class_names=config["class_names"], progress=say, out_dir=config["out_dir"],
+            resume=config["resume"], train_ids=config["train_ids"], val_ids=config["val_ids"],
+            val_split=config["val_split"],
         )
         if rank == 0:
-            cache = (module.last_pool.meta.get("cache") if module.last_pool is not None else None) or "none"
             config["reports"].put((DONE, WorkerOutcome(result, cache)))
 
 

@@ -396,6 +396,22 @@ def output_to(path: Path) -> Any:
                 handler.setStream(previous[key])
 
 
+def train_fold(cfg: Any, reporter: Any, *, class_names: Any, progress: Callable[[str], None], **train_args: Any
+               ) -> tuple[Any, str]:
+    """Train one fold with the prototype module's hooks (none when `proto.n_builds` is 0), in this process (or as
+    one data-parallel worker); returns the `TrainResult` and where the fold's last pool came from (hit, miss or
+    none). `train_args` go to `cpews.training.train`."""
+    from cpews.training import train
+    from cpews.training.prototype_hooks import PrototypeModule
+    from cpews.training.trainer import TrainHooks
+
+    module = PrototypeModule(cfg, class_names=class_names, progress=progress)
+    hooks = module.hooks() if cfg.proto.n_builds > 0 else TrainHooks()
+    result = train(cfg, reporter, hooks=hooks, progress=False, **train_args)
+    cache = (module.last_pool.meta.get("cache") if module.last_pool is not None else None) or "none"
+    return result, cache
+
+
 def cv_trial(config: dict, *, context: TrialContext) -> None:
     """Ray Tune function trainable: `run_trial`, with everything it prints in the trial's `TRIAL_LOG` (the driver
     prints one line per trial event instead, `orchestration.tune_runner.TrialEvents`); an exception's traceback
@@ -421,10 +437,7 @@ def run_trial(config: dict, *, context: TrialContext) -> None:
     from ray import tune
 
     from cpews.config import TrainConfig
-    from cpews.training import train
     from cpews.training.data import class_names, resolve_data_root
-    from cpews.training.prototype_hooks import PrototypeModule
-    from cpews.training.trainer import TrainHooks
     from orchestration.kfold import fold_splits
     from orchestration.ray_train import train_with_workers, worker_layout
     from orchestration.search_space import validate_sweep
@@ -500,13 +513,11 @@ def run_trial(config: dict, *, context: TrialContext) -> None:
             )
             result, cache = outcome.result, outcome.pool_cache
         else:
-            module = PrototypeModule(cfg, class_names=names, progress=lambda text, f=fold: say(f, text))
-            hooks = module.hooks() if cfg.proto.n_builds > 0 else TrainHooks()
-            result = train(
-                cfg, reporter, out_dir=trial_dir / f"fold_{fold}", resume=fold_resume, train_ids=train_ids,
-                val_ids=val_ids, val_split=context.split, hooks=hooks, progress=False,
+            result, cache = train_fold(
+                cfg, reporter, class_names=names, progress=lambda text, f=fold: say(f, text),
+                out_dir=trial_dir / f"fold_{fold}", resume=fold_resume, train_ids=train_ids, val_ids=val_ids,
+                val_split=context.split,
             )
-            cache = (module.last_pool.meta.get("cache") if module.last_pool is not None else None) or "none"
         timings = dict(result.timings or {})
         if FIRST_STEP_AT not in state.timings and "loop_start_epoch" in timings:
             state.timings[FIRST_STEP_AT] = timings["loop_start_epoch"]

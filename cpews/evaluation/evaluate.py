@@ -23,6 +23,8 @@ from cpews.config import TrainConfig
 from cpews.crf import crf_executor, crf_pool_size, start_dense_crf_labels
 from cpews.metrics import (
     ConfusionMeter,
+    check_label_range,
+    class_iou,
     confusion_matrix,
     multilabel_f1,
     segmentation_scores,
@@ -57,12 +59,7 @@ def confusion_mious(confusions: Tensor) -> Tensor:
 
     Shapes: confusions (B, K, K) counts ``Hm[b, g, p]`` -> (B,) float64; NaN where no pixel is labelled.
     """
-    confusions = confusions.to(torch.float64)
-    true_positive = confusions.diagonal(dim1=-2, dim2=-1)
-    gt_count = confusions.sum(dim=-1)
-    union = gt_count + confusions.sum(dim=-2) - true_positive
-    iou = torch.where(gt_count > 0, true_positive / union.clamp_min(1), torch.full_like(union, float("nan")))
-    return iou.nanmean(dim=-1)
+    return class_iou(confusions).nanmean(dim=-1)
 
 
 class BatchPixels:
@@ -88,14 +85,14 @@ class BatchPixels:
         self.image = torch.repeat_interleave(torch.arange(len(masks), device=self.gt.device), counts)  # (P,)
         self.labelled = self.gt != ignore_index
         self.labelled_count = int(self.labelled.sum())
-        _check_label_range(self.gt[self.labelled], num_classes, ignore_index, "gt")
+        check_label_range(self.gt[self.labelled], num_classes, ignore_index, "gt")
 
     def confusions(self, pred: Tensor) -> Tensor:
         """Per-image confusion matrices of a flattened prediction (P,) -> (B, K, K) int64."""
         k = self.num_classes
         keep = self.labelled & (pred != self.ignore_index)
         pred_kept = pred[keep]
-        _check_label_range(pred_kept, k, self.ignore_index, "pred")
+        check_label_range(pred_kept, k, self.ignore_index, "pred")
         flat_index = (self.image[keep] * k + self.gt[keep]) * k + pred_kept
         return torch.bincount(flat_index, minlength=self.num_images * k * k).reshape(self.num_images, k, k)
 
@@ -108,10 +105,6 @@ def flatten_maps(maps: Sequence[Tensor]) -> Tensor:
     """Label maps of any sizes -> their pixels, concatenated in order: (P,) int64."""
     return torch.cat([m.reshape(-1) for m in maps]).long()
 
-
-def _check_label_range(values: Tensor, num_classes: int, ignore_index: int, name: str) -> None:
-    if values.numel() and not bool(((values >= 0) & (values < num_classes)).all()):
-        raise ValueError(f"{name} has values outside [0, {num_classes}) other than {ignore_index}")
 
 
 def segmentation_probabilities(

@@ -187,11 +187,7 @@ def all_reduce_gradients(parameters: Iterable[nn.Parameter], world: World) -> No
 
 def broadcast_module(module: nn.Module, world: World, src: int = 0) -> None:
     """Copy rank `src`'s parameters and buffers (the prototype pool included) into every process's `module`."""
-    if not world.distributed:
-        return
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src)
+    broadcast_tensors([*module.parameters(), *module.buffers()], world, src)
 
 
 def broadcast_tensors(tensors: Iterable[Tensor], world: World, src: int = 0) -> None:

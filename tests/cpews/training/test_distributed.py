@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cpews.training import keys
+from cpews.training.checkpoint import load_checkpoint
 from cpews.training.distributed import BatchSplit, RankBatchSampler, World, per_process_batch_size
 
 # Every term on from the first step; the pool is built after step 2, so PDL and SSL act in steps 3 and 4; a
@@ -82,7 +83,7 @@ def _spawn(world_size: int, data_dir: Path, out_dir: Path, resume: Path | None =
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-3000:]}"
-    return torch.load(result, weights_only=False)
+    return torch.load(result, weights_only=True)  # reports (floats) and iteration counts
 
 
 def _train_losses(reports: list[dict]) -> dict[int, dict[str, float]]:
@@ -91,7 +92,7 @@ def _train_losses(reports: list[dict]) -> dict[int, dict[str, float]]:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=False)["model"]
+    return load_checkpoint(path).model
 
 
 @pytest.fixture(scope="module")
