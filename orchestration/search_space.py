@@ -1262,6 +1262,7 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     if cfg.model.weights == SYNTHETIC_WEIGHTS:  # a tiny pretraining: the path still runs, in seconds
         settings.update({"pretrain.images": _SMOKE_MIN_SYNTHETIC_TRAIN, "pretrain.val_images": _SMOKE_SYNTHETIC_VAL,
                          "pretrain.iters": _SMOKE_MAX_ITERS, "pretrain.cls_iters": _SMOKE_MAX_ITERS // 2,
+                         "pretrain.pool_iter": _SMOKE_MAX_ITERS - 1,
                          "pretrain.batch_size": 8, "pretrain.warmup_iters": 2})
     if cfg.data.dataset == "synthetic":
         batch = max(

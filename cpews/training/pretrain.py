@@ -3,8 +3,9 @@
 The backbone is trained on a synthetic set of its own (`pretrain.seed`, never `data.synthetic_seed`, so no image
 of the demo's splits reaches it) from image-level labels only: `pretrain.cls_iters` steps of the two
 classification losses, then the ISM and segmentation losses of §8.2 on the same model's pseudo labels (built
-from the image labels through CAMs and PAR; no pixel label is read for training). The held-out images of that
-set are scored once at the end (CAM mIoU, F1) for the record.
+from the image labels through CAMs and PAR; no pixel label is read for training), and from `pretrain.pool_iter` on
+the Contextual Prototype Module's PDL and SSL terms (§6-§7: a pool built once from the model's own CAMs, with the
+recipe's loss weights). The held-out images of that set are scored once at the end (CAM mIoU, F1) for the record.
 
 The result is a timm state dict of the ViT alone (no head, no decoder), the same kind of file as an ImageNet
 checkpoint, and `model.weights` loads it through the same code path (`cpews.model.backbone`). It is kept under
@@ -53,7 +54,7 @@ __all__ = [
     "resolve_weights",
 ]
 
-PRETRAIN_FORMAT = 1  # bump when the pretraining procedure changes: every cached file then misses
+PRETRAIN_FORMAT = 2  # bump when the pretraining procedure changes: every cached file then misses
 RECIPE_PRESET = "synthetic_demo"  # CAM thresholds, PAR, augmentation and loss weights of the pretraining
 ARCHITECTURE_KEYS = (  # what the pretraining takes from the model being trained
     "model.backbone", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
@@ -86,6 +87,11 @@ def pretrain_config(cfg: TrainConfig) -> TrainConfig:
             f"pretrain.seed={p.seed} equals data.synthetic_seed: the pretraining set would hold the images the "
             "model is trained and scored on; pick another pretrain.seed"
         )
+    if p.pool_iter >= p.iters:
+        raise ConfigError(
+            f"pretrain.pool_iter={p.pool_iter} must be below pretrain.iters={p.iters} (a pool built at the end is "
+            "never used); 0 pretrains without the prototype module"
+        )
     depth = cfg.model.depth
     overrides = {key: flat[key] for key in ARCHITECTURE_KEYS}
     overrides.update({
@@ -104,7 +110,9 @@ def pretrain_config(cfg: TrainConfig) -> TrainConfig:
         "data.num_workers": cfg.data.num_workers,
         "loss.ism_warmup_iters": p.cls_iters,
         "loss.seg_warmup_iters": p.cls_iters,
-        "proto.n_builds": 0,
+        "proto.n_builds": 1 if p.pool_iter > 0 else 0,
+        "proto.source": "warmup",
+        "proto.build_iter": p.pool_iter,
         "optim.lr": p.lr,
         "optim.warmup_iters": p.warmup_iters,
         "optim.max_iters": p.iters,
@@ -124,8 +132,7 @@ def pretrain_config(cfg: TrainConfig) -> TrainConfig:
 def content_key(cfg: TrainConfig) -> str:
     """The cache key of `cfg`'s pretrained backbone: sha256 (24 hex) of the pretraining settings and code version.
 
-    The prototype module is off in the pretraining and the evaluation settings only score it, so `proto.*` and
-    `eval.*` stay out of the key (as do the `RUNTIME_KEYS`).
+    The evaluation settings only score the result, so `eval.*` stays out of the key (as do the `RUNTIME_KEYS`).
     """
     settings = key_settings(pretrain_config(cfg))
     payload = {"format": PRETRAIN_FORMAT, "cpews": cpews.__version__, "synthetic_format": SYNTHETIC_FORMAT_VERSION,
@@ -136,7 +143,7 @@ def content_key(cfg: TrainConfig) -> str:
 def key_settings(pcfg: TrainConfig) -> dict[str, Any]:
     """The flat settings of a pretraining config that decide what it learns (what `content_key` hashes)."""
     return {k: v for k, v in pcfg.to_flat_dict().items()
-            if k not in RUNTIME_KEYS and not k.startswith(("proto.", "eval."))}
+            if k not in RUNTIME_KEYS and not k.startswith("eval.")}
 
 
 def cache_dir(cfg: TrainConfig) -> tuple[Path, str | None]:
@@ -243,9 +250,13 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 def run_pretraining(pcfg: TrainConfig, say: Progress) -> tuple[CpewsNet, dict[str, float]]:
     """Train a fresh model with the pretraining config `pcfg`; returns it and its held-out scores.
 
-    Only the image-level labels of each batch enter the losses (`compute_losses`); the held-out split's masks
-    are read after training, to score it.
+    Only the image-level labels of each batch enter the losses (`compute_losses`, and the prototype module's
+    terms once its pool is built from the model's CAMs); the held-out split's masks are read after training, to
+    score it.
     """
+    from cpews.training.prototype_hooks import PrototypeModule  # here: the trainer imports this module
+    from cpews.training.trainer import TrainHooks, TrainState
+
     device = select_device(pcfg.train.device)
     root = resolve_data_root(pcfg)  # the pretraining set, generated on first use
     names = class_names(pcfg)
@@ -253,15 +264,18 @@ def run_pretraining(pcfg: TrainConfig, say: Progress) -> tuple[CpewsNet, dict[st
     model = build_model(pcfg, num_classes=len(names) - 1).to(device).train()
     optimizer = build_optimizer(pcfg, model)
     autocast = autocast_factory(pcfg, device)
+    hooks = PrototypeModule(pcfg, class_names=names, progress=None).hooks() if pcfg.proto.n_builds else TrainHooks()
     total, every = pcfg.optim.max_iters, max(1, pcfg.optim.max_iters // 10)
     display = ProgressDisplay(total, sys.stderr.isatty(), label="pretrain", emit=say)
     window, started = [], time.perf_counter()
     for it, batch in zip(range(total), train_loader(pcfg, root)):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        losses = compute_losses(model, batch, pcfg, it, autocast=autocast)
+        losses = compute_losses(model, batch, pcfg, it, extra_terms=hooks.extra_terms, autocast=autocast)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         optimizer.step()
+        for hook in hooks.after_step:  # the pool build after step `pretrain.pool_iter` (no files written)
+            hook(TrainState(pcfg, model, it + 1, root, None, None))
         window.append(losses.total.detach())
         if (it + 1) % every == 0 or it + 1 == total:
             loss = float(torch.stack(window).mean())

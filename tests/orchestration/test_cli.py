@@ -274,7 +274,7 @@ def test_sweep_resume_and_leaderboard_of_an_unknown_sweep_are_clean_errors(tmp_p
 
 def test_pretrain_makes_the_backbone_once_and_copies_it(synthetic_data_dir: Path, tmp_path: Path):
     tiny = ("--set", "pretrain.images=16", "--set", "pretrain.val_images=8", "--set", "pretrain.iters=4",
-            "--set", "pretrain.cls_iters=2", "--set", "pretrain.batch_size=8",
+            "--set", "pretrain.cls_iters=2", "--set", "pretrain.pool_iter=3", "--set", "pretrain.batch_size=8",
             "--set", f"pretrain.cache_dir={tmp_path / 'cache'}")
     first = cpews("pretrain", "--config", "test_micro", *MICRO, *tiny, "--out", tmp_path / "bb.pt", cwd=tmp_path)
     assert first.returncode == 0, first.stderr

@@ -132,7 +132,7 @@ def test_pretrained_backbone_is_shared_through_the_bucket(s3, synthetic_data_dir
 
     client, bucket = s3
     cfg = load_config("test_micro", ["model.weights=synthetic", "pretrain.images=16", "pretrain.val_images=8",
-                                     "pretrain.iters=2", "pretrain.cls_iters=1", "pretrain.batch_size=8",
+                                     "pretrain.iters=2", "pretrain.cls_iters=1", "pretrain.pool_iter=0", "pretrain.batch_size=8",
                                      f"pretrain.cache_dir=s3://{bucket}/pretrained"])
     first = ensure_pretrained(cfg)
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="pretrained/")["Contents"])

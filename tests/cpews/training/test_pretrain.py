@@ -21,9 +21,10 @@ from cpews.training.pretrain import (
     resolve_weights,
 )
 
-# A pretraining small enough for the default suite: 16 + 8 images, 4 steps (2 of classification alone).
+# A pretraining small enough for the default suite: 16 + 8 images, 4 steps (2 of classification alone, the
+# prototype pool built after step 3).
 TINY_PRETRAIN = ("model.weights=synthetic", "pretrain.images=16", "pretrain.val_images=8", "pretrain.iters=4",
-                 "pretrain.cls_iters=2", "pretrain.batch_size=8", "pretrain.warmup_iters=1")
+                 "pretrain.cls_iters=2", "pretrain.pool_iter=3", "pretrain.batch_size=8", "pretrain.warmup_iters=1")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_second_run_with_the_same_settings_is_a_cache_hit(tiny, first):
 
 
 def test_a_changed_setting_misses(tiny, first):
-    changed = ensure_pretrained(tiny("pretrain.iters=3"))
+    changed = ensure_pretrained(tiny("pretrain.iters=5"))
     assert not changed.cached and changed.key != first.key and changed.path != first.path
 
 
@@ -65,7 +66,7 @@ def test_the_key_follows_pretraining_settings_and_architecture_only(tiny):
                  "optim.lr=0.01", "train.log_every=1", "pretrain.cache_dir=/elsewhere", "data.synthetic_train=40"):
         assert content_key(tiny(same)) == key, same
     for other in ("pretrain.seed=7", "pretrain.images=20", "pretrain.lr=0.002", "pretrain.confounder_strength=0.5",
-                  "pretrain.confounder_leak=0.3", "model.embed_dim=32", "model.depth=3", "model.patch_size=16"):
+                  "pretrain.confounder_leak=0.3", "pretrain.pool_iter=2", "pretrain.pool_iter=0", "model.embed_dim=32", "model.depth=3", "model.patch_size=16"):
         assert content_key(tiny(other)) != key, other
 
 
@@ -163,3 +164,34 @@ def test_a_run_that_pretrains_on_first_use_trains_as_one_that_finds_the_backbone
     first, second = trained("pretrained_here"), trained("cache_hit")  # the pretraining draws random numbers
     for name, value in first.items():
         torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_the_pretraining_builds_its_prototype_pool_after_pool_iter_and_uses_it(tiny, monkeypatch):
+    from cpews.training import pretrain as pretrain_module
+    from cpews.training.prototype_hooks import PrototypeModule
+
+    built: list[int] = []
+    terms: list[str] = []
+    original_after_step, original_ssl = PrototypeModule.after_step, PrototypeModule.ssl_term
+
+    def after_step(self, state):
+        original_after_step(self, state)
+        if state.model.pool_ready:
+            built.append(state.iteration)
+
+    def ssl_term(self, ctx):
+        terms.append(f"ssl@{ctx.iteration}")
+        return original_ssl(self, ctx)
+
+    monkeypatch.setattr(PrototypeModule, "after_step", after_step)
+    monkeypatch.setattr(PrototypeModule, "ssl_term", ssl_term)
+    model, metrics = pretrain_module.run_pretraining(pretrain_config(tiny()), lambda line: None)
+    assert bool(model.pool_ready) and built[0] == 3  # built after step 3 of 4 (pretrain.pool_iter=3)
+    assert terms == ["ssl@3"]  # the SSL term acts on the last step only, once the pool exists
+    without, _ = pretrain_module.run_pretraining(pretrain_config(tiny("pretrain.pool_iter=0")), lambda line: None)
+    assert not bool(without.pool_ready)
+
+
+def test_a_pool_iter_at_or_past_the_end_is_refused_naming_both_keys(tiny):
+    with pytest.raises(ConfigError, match=r"pretrain.pool_iter=4 must be below pretrain.iters=4"):
+        pretrain_config(tiny("pretrain.pool_iter=4"))
