@@ -40,8 +40,10 @@ from cpews.evaluation.evaluate import evaluate
 from cpews.model import CpewsNet, build_model
 from cpews.training.data import DATA_DIR_ENV, class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.device import autocast_factory, select_device
+from cpews.training.hooks import TrainHooks, TrainState
 from cpews.training.optim import build_optimizer
 from cpews.training.progress import ProgressDisplay
+from cpews.training.prototype_hooks import PrototypeModule
 from cpews.training.step import compute_losses
 
 __all__ = [
@@ -254,9 +256,6 @@ def run_pretraining(pcfg: TrainConfig, say: Progress) -> tuple[CpewsNet, dict[st
     terms once its pool is built from the model's CAMs); the held-out split's masks are read after training, to
     score it.
     """
-    from cpews.training.prototype_hooks import PrototypeModule  # here: the trainer imports this module
-    from cpews.training.trainer import TrainHooks, TrainState
-
     device = select_device(pcfg.train.device)
     root = resolve_data_root(pcfg)  # the pretraining set, generated on first use
     names = class_names(pcfg)

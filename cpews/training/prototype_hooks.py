@@ -50,8 +50,8 @@ from cpews.training.checkpoint import config_differences, load_checkpoint, warn
 from cpews.training.data import eval_dataset
 from cpews.training.device import autocast_factory
 from cpews.training.distributed import broadcast_tensors, current_world
+from cpews.training.hooks import TrainHooks, TrainState
 from cpews.training.step import LossTerm, StepContext
-from cpews.training.trainer import TrainHooks, TrainState
 
 BUILD_BATCH_SIZE = (
     16  # images per forward of the pool build (6 views each); memory only, no effect on results [I]

@@ -4,7 +4,7 @@
 files. Progress leaves through `reporter(metrics, checkpoint_dir)`, so a sweep can receive metrics without this
 module importing anything from the orchestration layer. The prototype module's hooks come in through `hooks`:
 the public `cpews.training.train` (`cpews.training.default_hooks`) composes them, so this module does not
-import `cpews.training.prototype_hooks` (which imports this one).
+import `cpews.training.prototype_hooks` (their types live in `cpews.training.hooks`).
 
 Under an initialised `torch.distributed` process group the loop runs data parallel (`cpews.training.distributed`):
 each process trains on its slice of every global batch of `train.batch_size` images, the loss terms are shares
@@ -19,7 +19,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -55,10 +55,11 @@ from cpews.training.distributed import (
     process_device,
     rank_loader,
 )
+from cpews.training.hooks import NO_HOOKS, TrainHooks, TrainState
 from cpews.training.optim import PolyWarmupAdamW, build_optimizer
 from cpews.training.pretrain import resolve_weights
 from cpews.training.progress import ProgressDisplay
-from cpews.training.step import LossTerm, compute_losses
+from cpews.training.step import compute_losses
 
 
 class Reporter(Protocol):
@@ -75,27 +76,6 @@ class TrainResult(NamedTuple):
     metrics: dict[str, float]  # the last validation metrics (val/...)
     wall_time: float  # seconds spent in this call
     timings: dict[str, float] | None = None  # seconds: setup, steps, eval, report; loop start (see `train_loop`)
-
-
-class TrainHooks(NamedTuple):
-    """Extension points for the prototype module: extra loss terms, calls after optimizer steps, and calls
-    before the first step of a fresh run (not on resume: a resumed model already holds what they set up)."""
-
-    extra_terms: Sequence[LossTerm] = ()
-    after_step: Sequence[Callable[[TrainState], None]] = ()
-    before_training: Sequence[Callable[[TrainState], None]] = ()
-
-
-NO_HOOKS = TrainHooks()
-
-
-class TrainState(NamedTuple):
-    cfg: TrainConfig
-    model: CpewsNet
-    iteration: int  # optimizer steps taken so far
-    data_root: Path
-    train_ids: Sequence[str] | None
-    out_dir: Path
 
 
 def print_reporter(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
