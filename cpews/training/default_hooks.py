@@ -1,9 +1,9 @@
 """The public `train`: the trainer's loop with the prototype module's hooks composed in by default.
 
 The loop (`cpews.training.trainer.train_loop`) runs the `TrainHooks` it is given; the Contextual Prototype
-Module (`cpews.training.prototype_hooks`) builds its hooks on the trainer's types. Only this module imports
-both, so the trainer never imports the prototype module and the imports among `cpews/training/*.py` form no
-cycle (tests/cpews/test_layering.py).
+Module (`cpews.training.prototype_hooks`) builds its hooks on the types of `cpews.training.hooks`. Only this
+module imports both, so the trainer does not import the prototype module and the imports among
+`cpews/training/*.py` form no cycle (tests/cpews/test_layering.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from cpews.training.trainer import Reporter, TrainHooks, TrainResult, train_loop
 
 def default_hooks(cfg: TrainConfig) -> TrainHooks:
     """The Contextual Prototype Module's hooks (pool build, PDL, SSL) unless `proto.n_builds == 0`."""
-    if cfg.proto.n_builds == 0:
-        return TrainHooks()
     return prototype_hooks(cfg, class_names=class_names(cfg))
 
 

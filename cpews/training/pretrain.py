@@ -40,10 +40,10 @@ from cpews.evaluation.evaluate import evaluate
 from cpews.model import CpewsNet, build_model
 from cpews.training.data import DATA_DIR_ENV, class_names, eval_dataset, resolve_data_root, train_loader
 from cpews.training.device import autocast_factory, select_device
-from cpews.training.hooks import TrainHooks, TrainState
+from cpews.training.hooks import TrainState
 from cpews.training.optim import build_optimizer
 from cpews.training.progress import ProgressDisplay
-from cpews.training.prototype_hooks import PrototypeModule
+from cpews.training.prototype_hooks import prototype_hooks
 from cpews.training.step import compute_losses
 
 __all__ = [
@@ -263,7 +263,7 @@ def run_pretraining(pcfg: TrainConfig, say: Progress) -> tuple[CpewsNet, dict[st
     model = build_model(pcfg, num_classes=len(names) - 1).to(device).train()
     optimizer = build_optimizer(pcfg, model)
     autocast = autocast_factory(pcfg, device)
-    hooks = PrototypeModule(pcfg, class_names=names, progress=None).hooks() if pcfg.proto.n_builds else TrainHooks()
+    hooks = prototype_hooks(pcfg, class_names=names, progress=None)  # none with pretrain.pool_iter=0
     total, every = pcfg.optim.max_iters, max(1, pcfg.optim.max_iters // 10)
     display = ProgressDisplay(total, sys.stderr.isatty(), label="pretrain", emit=say)
     window, started = [], time.perf_counter()

@@ -512,7 +512,8 @@ def prototype_hooks(
     superclasses: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> TrainHooks:
-    """The `TrainHooks` that add CPM (PDL + SSL and the pool builds) to `train(cfg, hooks=...)`.
+    """The `TrainHooks` that add CPM (PDL + SSL and the pool builds) to `train(cfg, hooks=...)`; none when
+    `proto.n_builds` is 0 (CPM off).
 
     Args:
         class_names: the dataset's class names, with or without the leading "background" (default: the
@@ -520,6 +521,8 @@ def prototype_hooks(
         superclasses: one superclass name per foreground class (default: the table of `cfg.data.dataset`).
         progress: receives the pool build's progress lines; None for silence.
     """
+    if cfg.proto.n_builds == 0:
+        return TrainHooks()
     return PrototypeModule(cfg, class_names=class_names, superclasses=superclasses, progress=progress).hooks()
 
 
