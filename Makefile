@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch/torchvision pins that install from local wheels here and from PyPI elsewhere (see README).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Downloads cut off by the network are resumed (pip) and, failing that, the whole step is tried again (infra/bin/retry).
+PIP_INSTALL := $(PY) -m pip install --quiet --resume-retries 10
+RETRY := infra/bin/retry 3
 PYTEST_ARGS ?=
 SPACE ?= search_spaces/demo.yaml
 SWEEP_ARGS ?=
@@ -17,9 +20,9 @@ PROMOTE_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC) || $(PY) -m pip install --quiet "torch>=2.3" "torchvision>=0.18"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(RETRY) $(PY) -m pip install --quiet --upgrade pip
+	$(RETRY) $(PIP_INSTALL) $(TORCH_SPEC) || $(RETRY) $(PIP_INSTALL) "torch>=2.3" "torchvision>=0.18"
+	$(RETRY) $(PIP_INSTALL) -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
