@@ -227,6 +227,9 @@ class SearchSettings(_FileModel):
     seed: StrictInt = Field(0, description="the sampler's seed")
     num_trials: _Count = Field(10, description="configurations tried")
     max_concurrent: _Count = Field(1, description="trials running at the same time")
+    start_points: list[dict[str, Any]] = Field(
+        [], description="configurations tried first, in order ({searched key: value}; a key left out is sampled)"
+    )
 
 
 class FoldSettings(_FileModel):
@@ -784,6 +787,8 @@ class _Validator:
             time_budget_s=file.time_budget_s,
             source=self.source,
         )
+        spec = dataclasses.replace(spec, search=file.search.model_copy(
+            update={"start_points": self.start_points(file.search, space)}))
         self.resources(spec, fixed_cfg, available)
         self.consistency(spec, fixed_cfg)
         if check_paths:
@@ -802,6 +807,29 @@ class _Validator:
         cfg = TrainConfig.from_flat_dict(flat, base=base)
         canonical = cfg.to_flat_dict()
         return {key: canonical[key] for key in flat}, cfg
+
+    def start_points(self, search: SearchSettings, space: Sequence[Distribution]) -> list[dict[str, Scalar]]:
+        """`search.start_points` in flat-config form: searched keys only, each value inside its distribution,
+        no more points than trials."""
+        points = search.start_points
+        if len(points) > search.num_trials:
+            raise self.error(f"search.start_points: {len(points)} points but search.num_trials is "
+                             f"{search.num_trials}; the points past the last trial would never run")
+        dists = {d.key: d for d in space}
+        out: list[dict[str, Scalar]] = []
+        for index, point in enumerate(points):
+            where = f"search.start_points[{index}]"
+            params: dict[str, Scalar] = {}
+            for key, value in point.items():
+                if key not in dists:
+                    raise self.error(f"{where}.{key}: not a searched key{_hint(key, list(dists))}; "
+                                     f"searched: {', '.join(dists) or 'none'}")
+                canonical = self.canonical(key, self.coerce(f"{where}.{key}", field_annotation(key), value, key))
+                if not dists[key].contains(canonical):
+                    raise self.error(f"{where}.{key}: {value!r} lies outside its distribution {dists[key].to_dict()}")
+                params[key] = canonical
+            out.append(params)
+        return out
 
     def space_keys(self, raw: Any) -> None:
         """Space keys are dotted config keys (before the parse, which would read `loss: {...}` as a distribution)."""

@@ -354,7 +354,8 @@ class PruningOptunaSearch(OptunaSearch):
 
 
 def make_searcher(spec: SweepSpec) -> PruningOptunaSearch:
-    """The sweep's OptunaSearch (define-by-run space, seeded TPE or random sampler), PRUNED-aware; Optuna's own
+    """The sweep's OptunaSearch (define-by-run space, seeded TPE or random sampler, `search.start_points` tried
+    first), PRUNED-aware; Optuna's own
     news (its study created, each trial told) is not printed, its warnings are."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.search.algorithm == "random":
@@ -367,6 +368,7 @@ def make_searcher(spec: SweepSpec) -> PruningOptunaSearch:
         mode=spec.objective.mode,
         sampler=sampler,
         num_folds=spec.folds.k,
+        points_to_evaluate=[dict(point) for point in spec.search.start_points] or None,  # enqueued, in order
     )
 
 
