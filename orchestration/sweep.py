@@ -265,6 +265,7 @@ def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
     for section in ("search", "folds", "scheduler", "resources", "objective"):
         for key, value in data[section].items():
             params[f"sweep.{section}.{key}"] = value
+    params["sweep.search.start_points"] = len(spec.search.start_points)  # the points: the sweep.yaml artifact
     params["sweep.time_budget_s"] = spec.time_budget_s if spec.time_budget_s is not None else "none"
     params["sweep.searched"] = ",".join(spec.searched_keys())
     for key, value in spec.fixed.items():
