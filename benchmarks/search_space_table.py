@@ -34,26 +34,43 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpews.training import keys
-from orchestration.search_space import load_sweep, validate_sweep
+from orchestration.search_space import load_sweep, sample_params, validate_sweep
 from orchestration.sweep import SweepError, existing_sweep, resume_sweep, run_sweep
-from orchestration.trial import FOLD_END, FOLD_INDEX, FOLD_SCORE
+from orchestration.trial import CV_MEAN, FOLD_END, FOLD_INDEX, FOLD_SCORE
 
 DEFAULT_OUT = Path("benchmarks/data/demo_space_table.jsonl")
 
 
-def table_sweep(space_file: str, *, configs: int, seed: int, eval_every: int) -> Any:
-    """The sweep that records the table: `space_file` as FIFO, random sampler, the base point first."""
+def sample_points(space_file: str | Path, *, configs: int, seed: int) -> list[dict[str, Any]]:
+    """The table's configurations: the base one (every searched key at its base value), then `configs - 1` drawn
+    by Optuna's RandomSampler(seed) through the space's own sampler (`sample_params`): the same sequence a random
+    sweep with the base point enqueued first would try."""
+    import optuna
+
     spec = load_sweep(space_file)
     base = spec.base_train_config().to_flat_dict()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
+    study.enqueue_trial({key: base[key] for key in spec.searched_keys()})
+    return [sample_params(spec, study.ask()) for _ in range(configs)]
+
+
+def table_sweep(space_file: str | Path, points: list[dict[str, Any]], *, eval_every: int) -> Any:
+    """The sweep that records `points` of `space_file`: FIFO (no pruning, no time budget), each point a trial
+    (`search.start_points`), validating every `eval_every` iterations; named `<name>-table`."""
+    spec = load_sweep(space_file)
     data = spec.to_dict()
     data["name"] = f"{spec.name}-table"
     data["fixed"] = {**data["fixed"], "eval.every": eval_every}
-    data["search"] = {**data["search"], "algorithm": "random", "seed": seed, "num_trials": configs,
-                      "start_points": [{key: base[key] for key in spec.searched_keys()}]}
+    data["search"] = {**data["search"], "algorithm": "random", "num_trials": len(points), "start_points": points}
     data["scheduler"] = {**data["scheduler"], "type": "fifo"}
     data["tracking"] = {"experiment": f"{spec.name}-table"}
     data["time_budget_s"] = None
     return validate_sweep(data, check_paths=False)
+
+
+def point_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
 
 
 def _results(trial_dir: Path) -> list[dict[str, Any]]:
@@ -81,10 +98,9 @@ def trial_row(trial_dir: Path, k: int, cpus: float, base_point: dict[str, Any]) 
         folds.append({"fold": fold, "score": float(end[FOLD_SCORE]),
                       "baseline": float(end[keys.VAL_BASELINE_MIOU]), "curve": [[i, m] for i, m in curve],
                       "seconds": round(seconds, 2), "cpu_seconds": round(seconds * cpus, 2)})
-    scores = [f["score"] for f in folds]
     return {"trial": trial_dir.name.removeprefix("trial_"), "params": params,
             "base": all(params.get(key) == value for key, value in base_point.items()),
-            "cv_mean": sum(scores) / len(scores), "folds": folds}
+            "cv_mean": float(ends[k - 1][CV_MEAN]), "folds": folds}  # what the trial reported
 
 
 def _code_version() -> str:
@@ -96,31 +112,61 @@ def _code_version() -> str:
     return commit
 
 
-def extract(spec: Any, run_dir: Path, out: Path, command: str) -> int:
-    """Write the table of sweep `spec` (under `run_dir`) to `out`; returns the rows written."""
-    paths = existing_sweep(run_dir, spec.name)
-    trial_dirs = sorted(d for d in paths.tune.iterdir() if d.is_dir() and d.name.startswith("trial_"))
-    base_point = spec.search.start_points[0]
-    rows = [row for d in trial_dirs if (row := trial_row(d, spec.folds.k, spec.resources.cpu, base_point))]
-    started = min((float(r["timestamp"]) for d in trial_dirs for r in _results(d)[:1]), default=time.time())
-    meta = {
-        "command": command, "code_version": _code_version(), "sweep": spec.name, "space_file": spec.source,
+def read_rows(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The meta and rows of a table file, or (None, []) when there is none."""
+    if not path.is_file():
+        return None, []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records or "meta" not in records[0]:
+        raise ValueError(f"{path}: not a space table (no meta line); move it away or pass another --out")
+    return records[0]["meta"], records[1:]
+
+
+def sweep_rows(spec: Any, run_dir: Path) -> list[dict[str, Any]]:
+    """The finished rows of every table sweep of `spec`'s name under `run_dir` (`<name>-table`, `-table-2`, ...)."""
+    rows = []
+    sweeps = Path(run_dir) / "sweeps"
+    for folder in sorted(sweeps.glob(f"{spec.name}*")) if sweeps.is_dir() else []:
+        tune = folder / "tune"
+        if not tune.is_dir() or not (folder.name == spec.name or folder.name.startswith(f"{spec.name}-")):
+            continue
+        for trial_dir in sorted(d for d in tune.iterdir() if d.is_dir() and d.name.startswith("trial_")):
+            row = trial_row(trial_dir, spec.folds.k, spec.resources.cpu, spec.search.start_points[0])
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def table_meta(spec: Any, command: str, space_file: str | Path, rows: int) -> dict[str, Any]:
+    cfg = spec.base_train_config()
+    return {
+        "command": command, "code_version": _code_version(), "sweep": spec.name, "space_file": str(space_file),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-        "recorded": time.strftime("%Y-%m-%d", time.gmtime(started)),
-        "folds": spec.folds.k, "max_iters": spec.base_train_config().optim.max_iters,
-        "eval_every": spec.base_train_config().eval.every, "trial_cpus": spec.resources.cpu,
-        "objective": spec.objective.metric, "space": {d.key: d.to_dict() for d in spec.space},
-        "configs": len(rows), "configs_planned": spec.search.num_trials,
+        "recorded": time.strftime("%Y-%m-%d", time.gmtime()),
+        "folds": spec.folds.k, "fold_seed": spec.folds.seed, "max_iters": cfg.optim.max_iters,
+        "eval_every": cfg.eval.every, "trial_cpus": spec.resources.cpu, "objective": spec.objective.metric,
+        "space": {d.key: d.to_dict() for d in spec.space}, "fixed": dict(spec.fixed),
+        "configs": rows, "configs_planned": spec.search.num_trials,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
+
+
+def comparable(meta: dict[str, Any], spec: Any) -> list[str]:
+    """Why rows recorded under `meta` cannot join a table of `spec` (empty: they can)."""
+    mine = table_meta(spec, "", "", 0)
+    return [f"{key}: {meta.get(key)!r} there, {mine[key]!r} here" for key in ("space", "fixed", "folds", "fold_seed")
+            if meta.get(key) != mine[key]]
+
+
+def write_table(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Write the table atomically (a `.partial` file renamed over `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
     with open(partial, "w") as f:
         f.write(json.dumps({"meta": meta}) + "\n")
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    partial.replace(out)
-    return len(rows)
+    partial.replace(path)
 
 
 def main() -> int:
@@ -134,21 +180,33 @@ def main() -> int:
     parser.add_argument("--extract-only", action="store_true", help="write the table of what has finished")
     args = parser.parse_args()
     command = "python benchmarks/search_space_table.py " + " ".join(sys.argv[1:])
-    spec = table_sweep(args.space, configs=args.configs, seed=args.seed, eval_every=args.eval_every)
-    if not args.extract_only:
+    points = sample_points(args.space, configs=args.configs, seed=args.seed)
+    spec = table_sweep(args.space, points, eval_every=args.eval_every)
+    try:
+        meta, kept = read_rows(args.out)
+    except (OSError, ValueError) as exc:
+        print(f"search_space_table: error: {exc}", file=sys.stderr)
+        return 2
+    if meta is not None and (problems := comparable(meta, spec)):
+        print(f"search_space_table: error: {args.out} was recorded with other settings ({'; '.join(problems)}); "
+              "move it away or pass another --out", file=sys.stderr)
+        return 2
+    recorded = {point_key(row["params"]) for row in kept}
+    missing = [p for p in points if point_key(p) not in recorded]
+    if not args.extract_only and missing:
         try:
             existing_sweep(args.run_dir, spec.name)
-        except SweepError:
-            run_sweep(spec, run_dir=args.run_dir)
+        except SweepError:  # a new machine: only the configurations that the table file lacks
+            print(f"search_space_table: {len(points) - len(missing)} of {len(points)} configurations recorded in "
+                  f"{args.out}; training the other {len(missing)}", flush=True)
+            run_sweep(table_sweep(args.space, missing, eval_every=args.eval_every), run_dir=args.run_dir)
         else:
             print(f"search_space_table: sweep {spec.name} exists under {args.run_dir}: resuming it", flush=True)
             resume_sweep(spec.name, run_dir=args.run_dir)
-    try:
-        rows = extract(spec, args.run_dir, args.out, command)
-    except SweepError as exc:
-        print(f"search_space_table: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"search_space_table: {rows} of {spec.search.num_trials} configurations written to {args.out}")
+    found = {point_key(row["params"]): row for row in [*kept, *sweep_rows(spec, args.run_dir)]}
+    rows = [found[point_key(p)] for p in points if point_key(p) in found]
+    write_table(args.out, table_meta(spec, command, args.space, len(rows)), rows)
+    print(f"search_space_table: {len(rows)} of {len(points)} configurations written to {args.out}")
     return 0
 
 

@@ -312,11 +312,13 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
             spec = renamed(spec, args.name)
     if is_job_address(address):
         job_args = ["sweep", "run", "--spec-json", json.dumps(spec.to_dict())] + (["--name", args.name] if args.name else [])
+        job_args += ["--warm-start", args.warm_start] if args.warm_start else []  # checked inside the job
         return _submit(address, job_args, args, spec.name)
     if not args.name:  # `make sweep` again: a new sweep beside the old one, not an error
         spec = next_free_name(spec, Path(args.run_dir))
     _stop_on_sigterm()
-    outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=address, new_name_if_taken=not args.name)
+    outcome = run_sweep(spec, run_dir=Path(args.run_dir), address=address, new_name_if_taken=not args.name,
+                        warm_start=args.warm_start)
     return _exit_code(outcome)
 
 
@@ -383,6 +385,29 @@ def cmd_sweep_leaderboard(args: argparse.Namespace) -> int:
         print(json.dumps(leaderboard_json(board), indent=1, sort_keys=True, default=str))  # as it is written
     else:
         print(format_leaderboard(board.rows, board.spec, source=board.source))
+    return 0
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    """Make the report of a sweep (`orchestration.report`), print its summary and log it to the sweep's run; exit
+    1 when MLflow did not take it (the files are written all the same)."""
+    from orchestration.report import REPORT_DIR, log_report, write_report
+    from orchestration.sweep import existing_sweep, read_leaderboard
+
+    run_dir = _run_dir(args)
+    board = read_leaderboard(args.name, run_dir=run_dir)
+    paths = existing_sweep(run_dir, args.name)
+    report = write_report(board.rows, board.spec, tune_dir=paths.tune, folder=paths.report, source=board.source)
+    print(report.text)
+    state = json.loads(paths.state.read_text())
+    where = f"sweep run {state['parent_run_id']} of experiment {state['experiment_id']} ({state['tracking_uri']})"
+    try:
+        log_report(report, board.spec, state)
+    except Exception as exc:
+        print(f"cpews sweep report: error: not logged to MLflow, {where}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"MLflow: logged under {REPORT_DIR}/ of the {where}; the experiment's description says what was searched")
     return 0
 
 
@@ -483,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "from here (default: RAY_ADDRESS, else a local Ray instance)")
     run.add_argument("--no-follow", action="store_true", help="with a job address: submit and return")
     run.add_argument("--run-dir", default="runs", help="where sweeps and the local MLflow store live")
+    run.add_argument("--warm-start", default=None, metavar="SWEEP",
+                     help="seed the search with the finished trials of an earlier sweep under --run-dir over a "
+                          "compatible space (same keys and kinds of distribution, objective, config and folds)")
     run.set_defaults(func=cmd_sweep_run)
     resume = sweeps.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("name")
@@ -505,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--json", action="store_true", help="print a JSON list of trials")
     board.add_argument("--run-dir", default="runs")
     board.set_defaults(func=cmd_sweep_leaderboard)
+    rep = sweeps.add_parser("report", help="what the search learned: parameter importance (fANOVA), parallel "
+                                           "coordinates, history, fold scores, learning curves; PNGs and one "
+                                           "HTML page, also logged to the sweep's MLflow run")
+    rep.add_argument("name")
+    rep.add_argument("--run-dir", default="runs")
+    rep.set_defaults(func=cmd_sweep_report)
     sync = sweeps.add_parser("sync", help="deliver what MLflow did not take yet (failed artifact uploads, "
                                           "records of an outage); run it when the sweep is not running")
     sync.add_argument("name")

@@ -14,6 +14,11 @@ A sweep named NAME lives in `<run_dir>/sweeps/NAME/` (run_dir defaults to `runs`
     ray_session.json  the local Ray instance the sweep's driver started (removed when it stops it): a resume
                       after a killed driver stops what is left of it
     leaderboard.json  written at the end of each run or resume
+    report/           what the search learned (`orchestration.report`): figures, report.html, report.json;
+                      made at the end of each run or resume and by `cpews sweep report NAME`, and logged to the
+                      sweep's run under the artifact folder `report/`
+    warm_start.json   the trials of an earlier sweep that seeded this one's search (`--warm-start`), when it was
+                      warm started (`orchestration.warm_start`; a resume that starts the search again reads it)
 
 New sweeps are named and created under a lock on `<run_dir>/sweeps/.lock` (`claim_sweep`), so two `sweep run`
 started at once never share a folder, and the local MLflow store is created by one of them only.
@@ -62,6 +67,7 @@ from orchestration.trial import (
     TIME_KEYS,
     TrialContext,
 )
+from orchestration.warm_start import WarmStart, load_warm_start, read_warm_start, write_warm_start
 
 __all__ = [
     "ClaimedSweep",
@@ -111,6 +117,8 @@ class SweepPaths(NamedTuple):
     stops: Path  # orchestration.tune_runner.STOPS_FILE
     scheduler_state: Path  # orchestration.tune_runner.SCHEDULER_STATE_FILE
     ray_session: Path  # the local Ray instance of the running driver (`_ray_session`)
+    report: Path  # orchestration.report.REPORT_DIR: the sweep's report (figures, report.html)
+    warm_start: Path  # orchestration.warm_start.WARM_START_FILE: the trials of an earlier sweep it was seeded with
 
 
 class SweepOutcome(NamedTuple):
@@ -140,6 +148,8 @@ def sweep_paths(run_dir: Path, name: str) -> SweepPaths:
         stops=root / "stops.jsonl",
         scheduler_state=root / "scheduler_state.json",
         ray_session=root / "ray_session.json",
+        report=root / "report",
+        warm_start=root / "warm_start.json",
     )
 
 
@@ -258,8 +268,9 @@ def _code_version() -> dict[str, str]:
     return out
 
 
-def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
-    """The sweep's settings as flat scalar params of its MLflow run."""
+def _sweep_params(spec: SweepSpec, warm_start: WarmStart | None = None) -> dict[str, Any]:
+    """The sweep's settings as flat scalar params of its MLflow run, with the earlier sweep that seeded its
+    search (`sweep.warm_start`, "none") and what it gave (`sweep.warm_start.completed`, ...)."""
     data = spec.to_dict()
     params: dict[str, Any] = {"sweep.name": spec.name, "sweep.base_config": spec.base_config}
     for section in ("search", "folds", "scheduler", "resources", "objective"):
@@ -268,6 +279,9 @@ def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
     params["sweep.search.start_points"] = len(spec.search.start_points)  # the points: the sweep.yaml artifact
     params["sweep.time_budget_s"] = spec.time_budget_s if spec.time_budget_s is not None else "none"
     params["sweep.searched"] = ",".join(spec.searched_keys())
+    params["sweep.warm_start"] = warm_start.sweep if warm_start is not None else "none"
+    for key, count in (warm_start.counts() if warm_start is not None else {}).items():
+        params[f"sweep.warm_start.{key}"] = count
     for key, value in spec.fixed.items():
         params[f"fixed.{key}"] = value
     return params
@@ -486,6 +500,7 @@ def run_sweep(
     address: str | None = None,
     faults: Mapping[str, Any] | None = None,
     new_name_if_taken: bool = False,
+    warm_start: str | None = None,
 ) -> SweepOutcome:
     """Start sweep `spec` and run it to the end (or until interrupted); returns the leaderboard.
 
@@ -497,13 +512,17 @@ def run_sweep(
         faults: fault injection for tests (`TrialContext.kill_at`, `crash_after_fold`).
         new_name_if_taken: when a sweep of that name exists (or another process claims the name first), run as
             the next free name (`next_free_name`) instead of refusing.
+        warm_start: the name of an earlier sweep under `run_dir` whose finished trials seed the search
+            (`orchestration.warm_start`).
 
     Raises:
-        SweepError: a sweep of that name exists already (resume it or pick another name); MLflow unreachable.
+        SweepError: a sweep of that name exists already (resume it or pick another name); MLflow unreachable;
+            the `warm_start` sweep does not exist or scores trials another way (before anything is made).
     """
     started = time.time()
     if not new_name_if_taken:  # before the data and the backbone are made; checked again under the lock
         _refuse_existing(spec, run_dir)
+    warm = load_warm_start(warm_start, spec, run_dir=run_dir) if warm_start else None
     from cpews.config import SYNTHETIC_WEIGHTS
     from cpews.training.data import resolve_data_root
     from cpews.training.pretrain import ensure_pretrained
@@ -518,6 +537,8 @@ def run_sweep(
     try:
         paths.spec.write_text(spec.to_yaml())
         save_folds(paths.folds, saved.folds, saved.meta)
+        if warm is not None:
+            write_warm_start(paths.warm_start, warm)
         parent = RunLogger.start(
             store.tracking_uri, experiment_id, run_name=spec.name, spool_dir=paths.parent_spool,
             tags={TAG_KIND: "sweep", TAG_SWEEP: spec.name, "mlflow.note.content": spec.description,
@@ -538,19 +559,26 @@ def run_sweep(
                 "workdir": os.getcwd(),
                 "data_root": str(Path(data_root).resolve()),
                 "created": started,
+                "warm_start": {"sweep": warm.sweep, **warm.counts()} if warm is not None else None,
             }
             write_json_atomically(paths.state, state)
-            parent.log_params(_sweep_params(spec))
+            parent.log_params(_sweep_params(spec, warm))
             parent.log_artifact(paths.spec)
             parent.log_artifact(paths.folds)
+            if warm is not None:
+                parent.log_artifact(paths.warm_start)
+            if problem := _describe_experiment(store.tracking_uri, experiment_id, spec):  # what it searches
+                out(problem)
             out(f"sweep {spec.name}: {spec.search.num_trials} trials x {spec.folds.k} folds, "
                 f"{spec.search.max_concurrent} at a time; folder {paths.root}")
             out(f"MLflow: experiment {spec.tracking.experiment!r} (id {experiment_id}), sweep run {parent.run_id}")
+            if warm is not None:
+                out(warm.describe())
             context = _context(spec, paths, state, saved.folds, faults)
             from orchestration.tune_runner import make_tuner
 
             session.enter_context(_ray_session(num_cpus, spec, address, record=paths.ray_session))
-            tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name)
+            tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name, warm_start=warm)
         except BaseException:  # nothing ran
             parent.set_tags({"cpews.status": "failed to start"})
             parent.end("FAILED")
@@ -593,6 +621,10 @@ def resume_sweep(
     except ValueError as exc:
         raise SweepError(f"cannot resume sweep {name}: the scheduler's state {exc}; remove that file to resume "
                          "without its records (trials that passed a cut may be judged again)") from None
+    try:  # the trials of an earlier sweep it was seeded with: needed when the search starts again
+        warm = read_warm_start(paths.warm_start)
+    except ValueError as exc:
+        raise SweepError(f"cannot resume sweep {name}: its warm start record {exc}") from None
 
     folds = load_folds(paths.folds).folds
     out(f"MLflow store: {state['tracking_uri']}")
@@ -616,7 +648,9 @@ def resume_sweep(
                 out(f"sweep {name}: Tune had saved no state yet; starting its trials")
                 shutil.rmtree(paths.tune, ignore_errors=True)
                 paths.scheduler_state.unlink(missing_ok=True)  # records of trials that Tune does not know
-                tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name)
+                if warm is not None:
+                    out(warm.describe())
+                tuner = make_tuner(spec, context, storage_path=paths.root, name=paths.tune.name, warm_start=warm)
         except BaseException:
             parent.set_tags({"cpews.status": "interrupted"})
             parent.end("KILLED")
@@ -663,12 +697,16 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
     best = next((row for row in rows if row["status"] == "completed"), None)
     finished = sum(row["status"] not in ("interrupted", "pending") for row in rows)  # the summary's step
     if best is not None:  # under the trials' own keys, so the runs table sorts and shows sweeps and trials alike
-        scores = {CV_MEAN: best["cv_miou_mean"], CV_STD: best["cv_miou_std"]}
+        from orchestration.report import objective_value
+
+        scores = {CV_MEAN: best["cv_miou_mean"], CV_STD: best["cv_miou_std"],
+                  spec.objective.metric: objective_value(best, spec.objective.metric)}  # the objective's own key
         parent.log_metrics({key: value for key, value in scores.items() if value is not None}, step=finished)
         parent.set_tags({"cpews.best_trial": best["trial"], "cpews.best_run_id": best.get("mlflow_run_id") or ""})
     counts = {status: sum(row["status"] == status for row in rows) for status in _ENDED}
     parent.log_metrics({f"trials/{k}": float(v) for k, v in counts.items()}, step=finished)
     parent.log_artifact(paths.leaderboard)
+    report_lines = _make_report(rows, spec, paths, state, parent)  # before the run ends: logged through its spool
     failed = not interrupted and not counts["completed"]  # no result: the run is FAILED and the exit non-zero
     parent.set_tags({"cpews.status": "interrupted" if interrupted else "failed" if failed else "finished"})
     left = parent.end("KILLED" if interrupted else "FAILED" if failed else "FINISHED", timeout_s=60.0)
@@ -681,6 +719,8 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
     wall = time.time() - started
     out("")
     out(format_leaderboard(rows, spec, source=_tune_source(paths)))
+    for line in report_lines:
+        out(line)
     if left or running:
         out(f"MLflow: {left} record(s) of the sweep run not delivered yet; {len(running)} run(s) still RUNNING")
     if interrupted:
@@ -698,6 +738,43 @@ def _fit_and_close(tuner: Any, spec: SweepSpec, paths: SweepPaths, state: Mappin
         out(line)
     return SweepOutcome(spec.name, rows, interrupted, state["tracking_uri"], state["experiment_id"],
                         state["parent_run_id"], wall, paths, backlog.records)
+
+
+def _make_report(rows: list[dict[str, Any]], spec: SweepSpec, paths: SweepPaths, state: Mapping[str, Any],
+                 parent: RunLogger) -> list[str]:
+    """Make the sweep's report (`orchestration.report.write_report`) in `paths.report`, log it to the sweep's run
+    (`parent`, under `report/`) and describe the experiment (what was searched); the lines to print after the
+    leaderboard. A failure never fails the sweep: it is one warning line (`cpews sweep report NAME` makes it
+    again)."""
+    try:
+        from orchestration.report import REPORT_DIR, format_importance, write_report
+
+        report = write_report(rows, spec, tune_dir=paths.tune, folder=paths.report, source=_tune_source(paths))
+        parent.log_artifacts(report.folder, REPORT_DIR)
+    except Exception as exc:
+        return [f"warning: sweep {spec.name}: the report was not made ({type(exc).__name__}: {exc}); make it "
+                f"with `cpews sweep report {spec.name}`"]
+    lines = [format_importance(report.importance, spec.objective.metric),
+             f"report: {report.html} (and in MLflow: the sweep run's artifacts {REPORT_DIR}/)"]
+    problem = _describe_experiment(state["tracking_uri"], state["experiment_id"], spec)
+    return lines + ([problem] if problem else [])
+
+
+def _describe_experiment(tracking_uri: str, experiment_id: str, spec: SweepSpec) -> str | None:
+    """Set the MLflow experiment's description to what `spec` searches (`orchestration.report.describe_experiment`);
+    a warning line when MLflow did not take it (never an error: the sweep goes on), else None."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.report import describe_experiment
+    from orchestration.tracking import _http_policy
+
+    try:
+        with _http_policy(10.0):
+            describe_experiment(MlflowClient(tracking_uri), experiment_id, spec)
+    except Exception as exc:
+        return (f"warning: sweep {spec.name}: the MLflow experiment's description was not set "
+                f"({type(exc).__name__}: {exc}); `cpews sweep report {spec.name}` sets it")
+    return None
 
 
 def _safe_rows(paths: SweepPaths, spec: SweepSpec) -> list[dict[str, Any]]:

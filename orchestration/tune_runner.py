@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +53,7 @@ from orchestration.trial import (
     trial_name,
     trial_params,
 )
+from orchestration.warm_start import WarmStart, add_seed_trials, optuna_trials
 
 __all__ = [
     "CV_MEAN",
@@ -318,11 +319,22 @@ class PruningOptunaSearch(OptunaSearch):
     fold (whose CV mean does not change, and is NaN during the first fold). Tune does not pass the result on
     which a trial is stopped to `on_trial_result` (ASHA's cut, or the last fold: ASHA stops a trial at max_t),
     only to `on_trial_complete`: that fold end is reported there, before the trial is told.
+
+    `seed_trials` (finished Optuna trials of an earlier sweep: `orchestration.warm_start`) are added to the study
+    when it is created: Ray's `evaluated_rewards` does not work with a define-by-run space.
     """
 
-    def __init__(self, *args: Any, num_folds: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, num_folds: int, seed_trials: Sequence[Any] = (), **kwargs: Any) -> None:
         self.num_folds = num_folds
+        self.seed_trials = list(seed_trials)  # set first: OptunaSearch.__init__ creates the study
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        """Create the study (Ray's OptunaSearch; `points_to_evaluate` enqueued), then add the finished trials of
+        an earlier sweep (`seed_trials`, `orchestration.warm_start.optuna_trials`) that it does not hold yet.
+        A searcher that Tune restores gets its study back with them in it, without coming here."""
+        super()._setup_study(mode)
+        add_seed_trials(self._ot_study, self.__dict__.get("seed_trials", ()))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._completed_trials:
@@ -353,9 +365,9 @@ class PruningOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def make_searcher(spec: SweepSpec) -> PruningOptunaSearch:
+def make_searcher(spec: SweepSpec, warm_start: WarmStart | None = None) -> PruningOptunaSearch:
     """The sweep's OptunaSearch (define-by-run space, seeded TPE or random sampler, `search.start_points` tried
-    first), PRUNED-aware; Optuna's own
+    first), PRUNED-aware, its study holding the trials of `warm_start` (an earlier sweep's); Optuna's own
     news (its study created, each trial told) is not printed, its warnings are."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.search.algorithm == "random":
@@ -369,6 +381,7 @@ def make_searcher(spec: SweepSpec) -> PruningOptunaSearch:
         sampler=sampler,
         num_folds=spec.folds.k,
         points_to_evaluate=[dict(point) for point in spec.search.start_points] or None,  # enqueued, in order
+        seed_trials=optuna_trials(spec, warm_start) if warm_start is not None else (),
     )
 
 
@@ -564,14 +577,16 @@ def make_tuner(
     name: str,
     searcher: PruningOptunaSearch | None = None,
     max_failures: int = 1,
+    warm_start: WarmStart | None = None,
 ) -> Any:
-    """A new Tuner for `spec` (experiment folder `storage_path / name`)."""
+    """A new Tuner for `spec` (experiment folder `storage_path / name`); without a `searcher`, `make_searcher`'s,
+    seeded with `warm_start`."""
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
 
-    searcher = searcher if searcher is not None else make_searcher(spec)
+    searcher = searcher if searcher is not None else make_searcher(spec, warm_start)
     stops = Path(storage_path).resolve() / STOPS_FILE
     budget = BudgetStopper(spec.time_budget_s, str(stops)) if spec.time_budget_s is not None else None
     return tune.Tuner(

@@ -1109,3 +1109,43 @@ def test_model_weights_must_load_into_the_models_backbone(tmp_path):
     # `synthetic` (the default of the preset) is made before the first trial, and `hub` is downloaded: exempt
     assert load_sweep(write(tmp_path, minimal())).base_train_config().model.weights == "synthetic"
     assert load_sweep(write(tmp_path, _set(minimal(), "fixed/model.weights", str(narrow))), check_paths=False)
+
+
+# -- search.start_points ---------------------------------------------------------------------------------------------
+
+
+def _with_points(points: list, num_trials: int = 4) -> dict:
+    data = {**minimal(), "name": "points"}
+    data["search"] = {**data.get("search", {}), "num_trials": num_trials, "start_points": points}
+    return data
+
+
+def test_start_points_are_kept_in_flat_config_form_and_enqueued_first_in_order() -> None:
+    from orchestration.tune_runner import make_searcher
+
+    data = _with_points([{"proto.num_prototypes": 10}, {"proto.num_prototypes": 5, "loss.ism_weight": 0.1}])
+    spec = validate_sweep(data, check_paths=False)
+    assert spec.search.start_points == [{"proto.num_prototypes": 10}, {"proto.num_prototypes": 5, "loss.ism_weight": 0.1}]
+    assert validate_sweep(yaml.safe_load(spec.to_yaml()), check_paths=False) == spec  # survives sweep.yaml
+    searcher = make_searcher(spec)
+    searcher.set_search_properties(spec.objective.metric, spec.objective.mode, {})
+    first, second, third = (searcher.suggest(f"t{i}") for i in range(3))
+    assert first["proto.num_prototypes"] == 10  # the keys a point leaves out are sampled
+    assert second == {"proto.num_prototypes": 5, "loss.ism_weight": 0.1}
+    assert set(third) == set(spec.searched_keys())
+
+
+@pytest.mark.parametrize(
+    ("points", "num_trials", "message"),
+    [
+        ([{"proto.num_prototype": 4}], 4, r"search\.start_points\[0\]\.proto\.num_prototype: not a searched key "
+                                          r"\(did you mean proto\.num_prototypes\?\)"),
+        ([{}, {"loss.ism_weight": 5.0}], 4, r"search\.start_points\[1\]\.loss\.ism_weight: 5\.0 lies outside its "
+                                            r"distribution"),
+        ([{"loss.pdl_weight": 0.1}], 4, r"search\.start_points\[0\]\.loss\.pdl_weight: not a searched key"),
+        ([{}, {}, {}], 2, r"search\.start_points: 3 points but search\.num_trials is 2"),
+    ],
+)
+def test_start_points_outside_the_space_are_refused_with_the_key(points: list, num_trials: int, message: str) -> None:
+    with pytest.raises(SweepFileError, match=message):
+        validate_sweep(_with_points(points, num_trials), check_paths=False)
