@@ -17,8 +17,9 @@ Strategies: random (RandomSampler + FIFO), tpe (TPE + FIFO), tpe_asha_folds (TPE
 default), tpe_asha_iters (TPE + ASHA over iterations within folds, rungs at 100, 200, 400, 800 iterations; the
 objective of its rungs is the running CV estimate: finished folds' scores and the current fold's last validation).
 
-Printed per strategy, over seeds: the compute (CPU-seconds of the table's folds, a stopped fold counted up to its
-last report) spent until a trial whose CV mean lies within 0.01 of the table's best finished (median and
+Compute is counted in CPU-seconds of the table's median fold (a fold stopped within is counted up to its last
+report; `--measured-compute`: each fold's own recorded time instead, which also carries the machine's load while
+the table was recorded). Printed per strategy, over seeds: the compute spent until a trial whose CV mean lies within 0.01 of the table's best finished (median and
 quartiles; seeds that never got there within `--trials` trials are counted), the best CV mean finished at 25, 50
 and 100 % of random search's median budget, how often an ASHA scheduler stopped the best configuration its replay
 proposed, and how far proposals fell from their answers (normalised distance, median and 90th percentile).
@@ -68,6 +69,11 @@ class Table(NamedTuple):
     @property
     def best(self) -> float:
         return max(row["cv_mean"] for row in self.rows)
+
+    @property
+    def fold_cost(self) -> float:
+        """The median CPU-seconds of a recorded fold: the unit of compute of a replay (see `replay_reports`)."""
+        return float(np.median([fold["cpu_seconds"] for row in self.rows for fold in row["folds"]]))
 
 
 def load_table(path: str | Path) -> Table:
@@ -136,12 +142,16 @@ class NearestRow:
         return index, float(distances[index])
 
 
-def replay_reports(row: Mapping[str, Any], max_iters: int, *, curves: bool = True) -> list[dict[str, float]]:
+def replay_reports(row: Mapping[str, Any], max_iters: int, *, curves: bool = True,
+                   fold_cost: float | None = None) -> list[dict[str, float]]:
     """The reports a trial of `row` makes, in order: each fold's validations within the fold (when `curves`),
     then its end, with the keys and CV figures of a real trial's reports (`orchestration.trial.cv_metrics`), the
     compute each report adds and the running estimate.
 
     A fold's compute is spread over its iterations; the fold end adds the rest (final validation, artefacts).
+    With `fold_cost`, every fold costs that many CPU-seconds (the table's median fold: the configurations train the
+    same model for the same iterations, and a fold's recorded wall time says more about the machine's load at the
+    time than about the configuration); without it, each fold costs what was recorded for it.
     Without `curves` (schedulers that act at fold ends only) a fold is one report: the same decisions, fewer
     events for Tune to process.
     """
@@ -150,10 +160,11 @@ def replay_reports(row: Mapping[str, Any], max_iters: int, *, curves: bool = Tru
     baselines: list[float] = []
     for fold in row["folds"]:
         spent, index = 0.0, int(fold["fold"])
+        cost = float(fold["cpu_seconds"]) if fold_cost is None else fold_cost
         for iteration, miou in fold["curve"] if curves else ():
             if iteration >= max_iters:
                 continue  # the last validation is the fold's score, reported at its end
-            compute = fold["cpu_seconds"] * iteration / max_iters - spent
+            compute = cost * iteration / max_iters - spent
             spent += compute
             reports.append({
                 **cv_metrics(scores, baselines), keys.TRAIN_ITERATION: float(iteration),
@@ -168,17 +179,20 @@ def replay_reports(row: Mapping[str, Any], max_iters: int, *, curves: bool = Tru
             **summary, keys.TRAIN_ITERATION: float(max_iters), FOLD_SCORE: float(fold["score"]),
             keys.VAL_BASELINE_MIOU: float(fold["baseline"]), FOLD_INDEX: float(index), FOLD_END: 1.0,
             ITERATIONS: float(len(scores) * max_iters), RUNNING: summary[CV_MEAN],
-            COMPUTE: float(fold["cpu_seconds"]) - spent,
+            COMPUTE: cost - spent,
         })
     return reports
 
 
-def replay_trainable(config: dict, *, table: Table, time_scale: float, curves: bool = True) -> None:
+def replay_trainable(config: dict, *, table: Table, time_scale: float, curves: bool = True,
+                     measured_compute: bool = False) -> None:
     """Ray Tune function trainable: answer `config` with the nearest table row and report that row's run."""
     from ray import tune
 
     index, distance = NearestRow(table)(config)
-    for report in replay_reports(table.rows[index], int(table.meta["max_iters"]), curves=curves):
+    fold_cost = None if measured_compute else table.fold_cost
+    for report in replay_reports(table.rows[index], int(table.meta["max_iters"]), curves=curves,
+                                 fold_cost=fold_cost):
         if time_scale > 0:
             time.sleep(report[COMPUTE] * time_scale)
         tune.report({**report, ROW: float(index), DISTANCE: distance})
@@ -237,7 +251,7 @@ def make_scheduler(strategy: str, spec: Any, max_iters: int) -> Any:
 
 
 def replay_sweep(table: Table, *, strategy: str, seed: int, trials: int, max_concurrent: int = 2,
-                 time_scale: float = 0.001, storage: Path) -> dict[str, Any]:
+                 time_scale: float = 0.001, storage: Path, measured_compute: bool = False) -> dict[str, Any]:
     """One replayed sweep in the running Ray instance; returns its events summarised (`summarise`)."""
     from ray import cloudpickle, tune
     from ray.tune import RunConfig
@@ -253,7 +267,8 @@ def replay_sweep(table: Table, *, strategy: str, seed: int, trials: int, max_con
     searcher = make_searcher(spec)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(replay_trainable, table=table, time_scale=time_scale,
-                                                  curves=strategy == "tpe_asha_iters"), {"cpu": 1}),
+                                                  curves=strategy == "tpe_asha_iters",
+                                                  measured_compute=measured_compute), {"cpu": 1}),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
             scheduler=make_scheduler(strategy, spec, int(table.meta["max_iters"])),
@@ -378,6 +393,8 @@ def main() -> int:
     parser.add_argument("--time-scale", type=float, default=0.001, help="replay seconds per recorded CPU-second")
     parser.add_argument("--storage", type=Path, default=Path("runs/bench/search_efficiency"))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures and replays here")
+    parser.add_argument("--measured-compute", action="store_true",
+                        help="each fold costs its own recorded CPU-seconds (default: the table's median fold)")
     args = parser.parse_args()
     try:
         table = load_table(args.table)
@@ -396,7 +413,7 @@ def main() -> int:
         for seed in range(args.seeds):
             runs[strategy].append(replay_sweep(table, strategy=strategy, seed=seed, trials=args.trials,
                                                max_concurrent=args.max_concurrent, time_scale=args.time_scale,
-                                               storage=args.storage))
+                                               storage=args.storage, measured_compute=args.measured_compute))
         print(f"  {strategy}: {args.seeds} replays, {time.perf_counter() - started:.0f} s so far", flush=True)
     ray.shutdown()
     fig = figures(table, runs)

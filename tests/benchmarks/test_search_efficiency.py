@@ -90,9 +90,18 @@ def test_replay_reports_give_the_recorded_scores_exactly_and_spend_the_recorded_
     # the running estimate in fold 1 at 200 iterations: (fold 0's score + the current validation) / 2
     assert within[3][efficiency.RUNNING] == pytest.approx((0.445 + 0.452 - 0.01) / 2)
     assert math.isnan(within[0][CV_MEAN])  # as a real trial, no CV mean before its first fold ends
+    at_median = efficiency.replay_reports(row, 300, fold_cost=30.0)  # every fold at the table's median cost
+    assert sum(r[efficiency.COMPUTE] for r in at_median) == pytest.approx(90.0)
+    assert at_median[0][efficiency.COMPUTE] == pytest.approx(10.0)
     fold_level = efficiency.replay_reports(row, 300, curves=False)  # one report per fold, the whole fold's compute
     assert [(r[FOLD_SCORE], r[CV_MEAN], r[efficiency.COMPUTE]) for r in fold_level] == [
         (r[FOLD_SCORE], r[CV_MEAN], 60.0) for r in ends]
+
+
+def test_the_unit_of_compute_is_the_median_recorded_fold() -> None:
+    rows = [_row(0, ROWS[0]["params"], [0.4, 0.4, 0.4], seconds=50.0), _row(1, ROWS[1]["params"], [0.3] * 3, 70.0),
+            _row(2, ROWS[2]["params"], [0.3] * 3, seconds=200.0)]  # a fold recorded while the machine was busy
+    assert _table(rows).fold_cost == 70.0
 
 
 def test_figures_compute_to_target_and_best_at_budget_by_hand() -> None:
