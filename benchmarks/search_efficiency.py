@@ -16,6 +16,9 @@ recorded compute times `--time-scale` (so that concurrent trials finish in the o
 Strategies: random (RandomSampler + FIFO), tpe (TPE + FIFO), tpe_asha_folds (TPE + ASHA over folds: the project's
 default), tpe_asha_iters (TPE + ASHA over iterations within folds, rungs at 100, 200, 400, 800 iterations; the
 objective of its rungs is the running CV estimate: finished folds' scores and the current fold's last validation).
+Not here: Tune's BOHB (`HyperBandForBOHB`) works with its own searcher (TuneBOHB, ConfigSpace), not Optuna's; Tune's
+synchronous `HyperBandScheduler` pauses trials at its milestones and resumes them from checkpoints, and a replayed
+fold (a tenth of a second) ends before a pause lands, so its replay would be TPE + FIFO under another name.
 
 Compute is counted in CPU-seconds of the table's median fold (a fold stopped within is counted up to its last
 report; `--measured-compute`: each fold's own recorded time instead, which also carries the machine's load while
@@ -352,7 +355,7 @@ def figures(table: Table, runs: Mapping[str, list[dict[str, Any]]]) -> dict[str,
             "total_compute_median": float(np.median([s["total_compute"] for s in summaries])),
             "distance_median_p90": (float(np.median(distances)), float(np.percentile(distances, 90))),
         }
-        if "asha" in strategy:
+        if strategy not in ("random", "tpe"):  # a scheduler that stops trials early
             entry["best_proposed_stopped"] = sum(s["best_proposed_stopped"] for s in summaries)
         out["strategies"][strategy] = entry
     if "random" in out["strategies"]:
