@@ -231,6 +231,9 @@ class SearchSettings(_FileModel):
         [], description="configurations tried first, in order ({searched key: value}; a key left out is sampled)"
     )
 
+    def __hash__(self) -> int:  # frozen, but its points are lists of mappings: hashed by their JSON form
+        return hash(json.dumps(self.model_dump(), sort_keys=True))
+
 
 class FoldSettings(_FileModel):
     """The K-fold cross-validation of each trial: it trains k times and is scored by the mean fold score."""

@@ -586,7 +586,7 @@ def make_tuner(
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
 
-    searcher = searcher if searcher is not None else make_searcher(spec, warm_start)
+    searcher = searcher if searcher is not None else make_searcher(spec, warm_start=warm_start)
     stops = Path(storage_path).resolve() / STOPS_FILE
     budget = BudgetStopper(spec.time_budget_s, str(stops)) if spec.time_budget_s is not None else None
     return tune.Tuner(

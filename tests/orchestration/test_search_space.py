@@ -311,7 +311,7 @@ def test_every_problem_of_the_structure_is_a_line_naming_the_file_and_key(tmp_pa
     assert load_error(tmp_path, data).splitlines() == [
         f"{path}: search.num_trials: input should be a valid integer, got 'six'",
         f"{path}: unknown key search.algoritm (did you mean search.algorithm?); allowed here: algorithm, seed, "
-        "num_trials, max_concurrent",
+        "num_trials, max_concurrent, start_points",
         f"{path}: resources.cpu: input should be greater than 0, got 0",
     ]
 

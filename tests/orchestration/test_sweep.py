@@ -308,7 +308,7 @@ def test_asha_pruned_trial_reaches_optuna_as_pruned(ray_env: None, tmp_path: Pat
         from orchestration import tune_runner
 
         original = tune_runner.make_searcher
-        tune_runner.make_searcher = lambda _spec, s=searcher: s  # keep a handle on the study
+        tune_runner.make_searcher = lambda _spec, s=searcher, **_: s  # keep a handle on the study
         try:
             outcome = run_sweep(spec, run_dir=tmp_path / "runs", out=lambda line: None)
         finally:
