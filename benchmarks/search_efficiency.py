@@ -1,7 +1,7 @@
 """Search strategies replayed on a recorded space table: how much compute each needs to find a good configuration.
 
 Usage: python benchmarks/search_efficiency.py [TABLE] [--seeds 20] [--trials 48] [--strategies ...]
-       [--time-scale 0.002] [--json OUT]
+       [--time-scale 0.001] [--json OUT] [--merge JSON ...]
 
 TABLE (default benchmarks/data/demo_space_table.jsonl) is what benchmarks/search_space_table.py recorded: a fixed
 sample of configurations of a sweep's space, each trained on every fold, with its learning curves and compute.
@@ -398,12 +398,36 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures and replays here")
     parser.add_argument("--measured-compute", action="store_true",
                         help="each fold costs its own recorded CPU-seconds (default: the table's median fold)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="replay nothing: the figures of the replays in these --json files (e.g. strategies "
+                             "replayed by separate processes)")
     args = parser.parse_args()
     try:
         table = load_table(args.table)
     except (OSError, ValueError) as exc:
         print(f"search_efficiency: error: {exc}", file=sys.stderr)
         return 2
+    if args.merge:
+        runs = {}
+        for path in args.merge:
+            try:
+                runs.update(json.loads(path.read_text())["replays"])
+            except (OSError, ValueError, KeyError) as exc:
+                print(f"search_efficiency: error: {path}: not a --json output of this script ({exc})",
+                      file=sys.stderr)
+                return 2
+    else:
+        runs = replay_all(table, args)
+    fig = figures(table, runs)
+    print(report(fig))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"figures": fig, "replays": runs}, indent=1))
+    return 0
+
+
+def replay_all(table: Table, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Every strategy's replays (`args.seeds` each) in one local Ray instance."""
     for name, value in QUIET_TUNE.items():
         os.environ.setdefault(name, value)
     import ray
@@ -411,20 +435,18 @@ def main() -> int:
     ray.init(num_cpus=args.max_concurrent, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     runs: dict[str, list[dict[str, Any]]] = {}
     started = time.perf_counter()
-    for strategy in args.strategies:
-        runs[strategy] = []
-        for seed in range(args.seeds):
-            runs[strategy].append(replay_sweep(table, strategy=strategy, seed=seed, trials=args.trials,
-                                               max_concurrent=args.max_concurrent, time_scale=args.time_scale,
-                                               storage=args.storage, measured_compute=args.measured_compute))
-        print(f"  {strategy}: {args.seeds} replays, {time.perf_counter() - started:.0f} s so far", flush=True)
-    ray.shutdown()
-    fig = figures(table, runs)
-    print(report(fig))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"figures": fig, "replays": runs}, indent=1))
-    return 0
+    try:
+        for strategy in args.strategies:
+            runs[strategy] = [
+                replay_sweep(table, strategy=strategy, seed=seed, trials=args.trials,
+                             max_concurrent=args.max_concurrent, time_scale=args.time_scale,
+                             storage=args.storage, measured_compute=args.measured_compute)
+                for seed in range(args.seeds)
+            ]
+            print(f"  {strategy}: {args.seeds} replays, {time.perf_counter() - started:.0f} s so far", flush=True)
+    finally:
+        ray.shutdown()
+    return runs
 
 
 if __name__ == "__main__":

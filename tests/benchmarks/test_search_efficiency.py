@@ -235,3 +235,25 @@ def test_a_replayed_sweep_reports_the_tables_values_for_the_trials_it_ran(local_
     assert all(0 < s["folds"] < 3 for s in asha["stopped"])
     for trial in asha["finished"]:
         assert trial["cv_mean"] == table.rows[trial["row"]]["cv_mean"]
+
+
+def test_merge_prints_the_figures_of_replays_saved_by_separate_runs(tmp_path: Path) -> None:
+    import subprocess
+
+    table = tmp_path / "table.jsonl"
+    meta = {"space": SPACE, "folds": 3, "max_iters": 300, "objective": CV_MEAN}
+    table.write_text("".join(json.dumps(line) + "\n" for line in [{"meta": meta}, *ROWS]))
+    run = {"finished": [{"trial": "b", "row": 3, "cv_mean": ROWS[3]["cv_mean"], "compute": 420.0}], "stopped": [],
+           "total_compute": 500.0, "distances": [0.1], "best_proposed_row": 3, "best_proposed_stopped": False}
+    (tmp_path / "a.json").write_text(json.dumps({"replays": {"random": [run]}}))
+    (tmp_path / "b.json").write_text(json.dumps({"replays": {"tpe": [run, run]}}))
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "search_efficiency.py"), str(table), "--merge",
+                             str(tmp_path / "a.json"), str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "random search's median budget 500 CPU-s" in lines[0]
+    assert any(line.split()[:2] == ["tpe", "2"] and "420 / 420 / 420" in line for line in lines)
+    (tmp_path / "c.json").write_text("{}")
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "search_efficiency.py"), str(table), "--merge",
+                          str(tmp_path / "c.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "c.json: not a --json output of this script" in bad.stderr
