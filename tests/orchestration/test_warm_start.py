@@ -226,6 +226,7 @@ def test_what_may_differ_between_the_sweeps() -> None:
         "search.max_concurrent=1",
         "fixed.train.log_every=5",
         "fixed.train.checkpoint_every=50",
+        "fixed.eval.every=100",  # the space table's setting (benchmarks/search_space_table.py)
         "time_budget_s=null",
         "name=other",
     )
