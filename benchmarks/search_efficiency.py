@@ -24,8 +24,9 @@ Compute is counted in CPU-seconds of the table's median fold (a fold stopped wit
 report; `--measured-compute`: each fold's own recorded time instead, which also carries the machine's load while
 the table was recorded). Printed per strategy, over seeds: the compute spent until a trial whose CV mean lies within 0.01 of the table's best finished (median and
 quartiles; seeds that never got there within `--trials` trials are counted), the best CV mean finished at 25, 50
-and 100 % of random search's median budget, how often an ASHA scheduler stopped the best configuration its replay
-proposed, and how far proposals fell from their answers (normalised distance, median and 90th percentile).
+and 100 % of random search's median budget and at `make sweep`'s budget (`--demo-folds`), how often a scheduler
+stopped the best configuration its replay proposed, and how far proposals fell from their answers (normalised
+distance, median and 90th percentile).
 """
 
 from __future__ import annotations
@@ -335,11 +336,14 @@ def _median_finite(values: Sequence[float]) -> float:
     return float(np.median(finite)) if finite else math.nan
 
 
-def figures(table: Table, runs: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """The benchmark's figures from every replay of every strategy."""
+def figures(table: Table, runs: Mapping[str, list[dict[str, Any]]], *, demo_folds: float = 16) -> dict[str, Any]:
+    """The benchmark's figures from every replay of every strategy; `demo_folds`: the folds `make sweep`'s time
+    budget affords (600 s x 2 trials at about 75 s a fold), in units of the table's median fold."""
     target = table.best - WITHIN
+    demo_budget = demo_folds * table.fold_cost
     random_budget = float(np.median([s["total_compute"] for s in runs["random"]])) if "random" in runs else math.nan
     out: dict[str, Any] = {"table_best": table.best, "target": target, "random_budget_cpu_s": random_budget,
+                           "demo_budget_cpu_s": demo_budget, "fold_cost_cpu_s": table.fold_cost,
                            "rows_within": sum(row["cv_mean"] >= target for row in table.rows),
                            "strategies": {}}
     for strategy, summaries in runs.items():
@@ -352,6 +356,7 @@ def figures(table: Table, runs: Mapping[str, list[dict[str, Any]]]) -> dict[str,
             "best_at_budget": {f"{int(f * 100)}%": _median_finite([best_within(s, f * random_budget)
                                                                     for s in summaries])
                                for f in (0.25, 0.5, 1.0)},
+            "best_at_demo_budget": _median_finite([best_within(s, demo_budget) for s in summaries]),
             "total_compute_median": float(np.median([s["total_compute"] for s in summaries])),
             "distance_median_p90": (float(np.median(distances)), float(np.percentile(distances, 90))),
         }
@@ -372,16 +377,17 @@ def _fmt(value: float) -> str:
 def report(fig: Mapping[str, Any]) -> str:
     lines = [f"table best CV mean {fig['table_best']:.4f}; target (within {WITHIN}) {fig['target']:.4f}, "
              f"{fig['rows_within']} recorded configurations reach it; random search's median budget "
-             f"{fig['random_budget_cpu_s']:,.0f} CPU-s",
+             f"{fig['random_budget_cpu_s']:,.0f} CPU-s; the demo's budget {fig['demo_budget_cpu_s']:,.0f} CPU-s "
+             f"(a fold: {fig['fold_cost_cpu_s']:,.0f} CPU-s)",
              f"{'strategy':<16} {'seeds':>5} {'CPU-s to target q25/q50/q75':>30} {'never':>5} {'vs random':>9} "
-             f"{'best@25%':>8} {'@50%':>6} {'@100%':>6} {'ASHA cut best':>13} {'dist med/p90':>12}"]
+             f"{'best@25%':>8} {'@50%':>6} {'@100%':>6} {'@demo':>6} {'cut best':>8} {'dist med/p90':>12}"]
     for name, e in fig["strategies"].items():
         q = e["compute_to_reach_q25_q50_q75"]
         b = e["best_at_budget"]
         lines.append(
             f"{name:<16} {e['seeds']:>5} {' / '.join(_fmt(v) for v in q):>30} {e['never_reached']:>5} "
             f"{e.get('reach_vs_random', math.nan):>9.2f} {b['25%']:>8.4f} {b['50%']:>6.4f} {b['100%']:>6.4f} "
-            f"{e.get('best_proposed_stopped', '-')!s:>13} "
+            f"{e['best_at_demo_budget']:>6.4f} {e.get('best_proposed_stopped', '-')!s:>8} "
             f"{e['distance_median_p90'][0]:>5.2f}/{e['distance_median_p90'][1]:.2f}")
     return "\n".join(lines)
 
@@ -398,6 +404,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures and replays here")
     parser.add_argument("--measured-compute", action="store_true",
                         help="each fold costs its own recorded CPU-seconds (default: the table's median fold)")
+    parser.add_argument("--demo-folds", type=float, default=16,
+                        help="folds make sweep's budget affords (600 s x 2 trials, about 75 s a fold)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                         help="replay nothing: the figures of the replays in these --json files (e.g. strategies "
                              "replayed by separate processes)")
@@ -418,7 +426,7 @@ def main() -> int:
                 return 2
     else:
         runs = replay_all(table, args)
-    fig = figures(table, runs)
+    fig = figures(table, runs, demo_folds=args.demo_folds)
     print(report(fig))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
