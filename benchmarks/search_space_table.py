@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpews.training import keys
 from orchestration.search_space import load_sweep, sample_params, validate_sweep
-from orchestration.sweep import SweepError, existing_sweep, resume_sweep, run_sweep
+from orchestration.sweep import SweepError, _code_version, existing_sweep, resume_sweep, run_sweep
 from orchestration.trial import CV_MEAN, FOLD_END, FOLD_INDEX, FOLD_SCORE
 
 DEFAULT_OUT = Path("benchmarks/data/demo_space_table.jsonl")
@@ -103,15 +102,6 @@ def trial_row(trial_dir: Path, k: int, cpus: float, base_point: dict[str, Any]) 
             "cv_mean": float(ends[k - 1][CV_MEAN]), "folds": folds}  # what the trial reported
 
 
-def _code_version() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit
-
-
 def read_rows(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The meta and rows of a table file, or (None, []) when there is none."""
     if not path.is_file():
@@ -137,25 +127,30 @@ def sweep_rows(spec: Any, run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def table_settings(spec: Any) -> dict[str, Any]:
+    """What the table's scores depend on: rows recorded under other settings cannot join it (`comparable`)."""
+    return {"folds": spec.folds.k, "fold_seed": spec.folds.seed, "space": {d.key: d.to_dict() for d in spec.space},
+            "fixed": dict(spec.fixed)}
+
+
 def table_meta(spec: Any, command: str, space_file: str | Path, rows: int) -> dict[str, Any]:
     cfg = spec.base_train_config()
     return {
-        "command": command, "code_version": _code_version(), "sweep": spec.name, "space_file": str(space_file),
+        "command": command, "code_version": _code_version().get("mlflow.source.git.commit", "unknown"),
+        "sweep": spec.name, "space_file": str(space_file),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "recorded": time.strftime("%Y-%m-%d", time.gmtime()),
-        "folds": spec.folds.k, "fold_seed": spec.folds.seed, "max_iters": cfg.optim.max_iters,
-        "eval_every": cfg.eval.every, "trial_cpus": spec.resources.cpu, "objective": spec.objective.metric,
-        "space": {d.key: d.to_dict() for d in spec.space}, "fixed": dict(spec.fixed),
+        "max_iters": cfg.optim.max_iters, "eval_every": cfg.eval.every, "trial_cpus": spec.resources.cpu,
+        "objective": spec.objective.metric, **table_settings(spec),
         "configs": rows, "configs_planned": spec.search.num_trials,
     }
 
 
 def comparable(meta: dict[str, Any], spec: Any) -> list[str]:
     """Why rows recorded under `meta` cannot join a table of `spec` (empty: they can)."""
-    mine = table_meta(spec, "", "", 0)
-    return [f"{key}: {meta.get(key)!r} there, {mine[key]!r} here" for key in ("space", "fixed", "folds", "fold_seed")
-            if meta.get(key) != mine[key]]
+    return [f"{key}: {meta.get(key)!r} there, {value!r} here" for key, value in table_settings(spec).items()
+            if meta.get(key) != value]
 
 
 def write_table(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
