@@ -200,6 +200,9 @@ def main() -> int:
             resume_sweep(spec.name, run_dir=args.run_dir)
     found = {point_key(row["params"]): row for row in [*kept, *sweep_rows(spec, args.run_dir)]}
     rows = [found[point_key(p)] for p in points if point_key(p) in found]
+    if meta is not None and rows == kept:  # nothing new: the recorded table (its command, version, date) stays
+        print(f"search_space_table: {len(rows)} of {len(points)} configurations, all already in {args.out}")
+        return 0
     write_table(args.out, table_meta(spec, command, args.space, len(rows)), rows)
     print(f"search_space_table: {len(rows)} of {len(points)} configurations written to {args.out}")
     return 0

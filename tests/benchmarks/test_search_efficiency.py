@@ -257,3 +257,18 @@ def test_merge_prints_the_figures_of_replays_saved_by_separate_runs(tmp_path: Pa
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "search_efficiency.py"), str(table), "--merge",
                           str(tmp_path / "c.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and "c.json: not a --json output of this script" in bad.stderr
+
+
+def test_a_complete_table_is_left_as_recorded(tmp_path: Path) -> None:
+    """`--extract-only` with nothing new to add does not rewrite the committed table (command, version, date)."""
+    import shutil
+    import subprocess
+
+    table = tmp_path / "table.jsonl"
+    shutil.copyfile(BENCHMARKS / "data" / "demo_space_table.jsonl", table)
+    before = table.read_bytes()
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "search_space_table.py"), str(DEMO), "--extract-only",
+                             "--run-dir", str(tmp_path / "runs"), "--out", str(table)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "48 of 48 configurations, all already in" in result.stdout
+    assert table.read_bytes() == before
