@@ -15,7 +15,9 @@ recorded compute times `--time-scale` (so that concurrent trials finish in the o
 
 Strategies: random (RandomSampler + FIFO), tpe (TPE + FIFO), tpe_asha_folds (TPE + ASHA over folds: the project's
 default), tpe_asha_iters (TPE + ASHA over iterations within folds, rungs at 100, 200, 400, 800 iterations; the
-objective of its rungs is the running CV estimate: finished folds' scores and the current fold's last validation).
+objective of its rungs is the running CV estimate: finished folds' scores and the current fold's last validation),
+and tpe_base_first / tpe_asha_folds_base_first (tpe / tpe_asha_folds whose first trial is the table's base
+configuration, the sweep's base config with no searched override, through `search.start_points`).
 Not here: Tune's BOHB (`HyperBandForBOHB`) works with its own searcher (TuneBOHB, ConfigSpace), not Optuna's; Tune's
 synchronous `HyperBandScheduler` pauses trials at its milestones and resumes them from checkpoints, and a replayed
 fold (a tenth of a second) ends before a pause lands, so its replay would be TPE + FIFO under another name.
@@ -50,7 +52,8 @@ from orchestration.search_space import Distribution, validate_sweep
 from orchestration.trial import CV_MEAN, FOLD_END, FOLD_INDEX, FOLD_SCORE, FOLDS_COMPLETED, cv_metrics
 
 DEFAULT_TABLE = Path("benchmarks/data/demo_space_table.jsonl")
-STRATEGIES = ("random", "tpe", "tpe_asha_folds", "tpe_asha_iters")
+STRATEGIES = ("random", "tpe", "tpe_asha_folds", "tpe_asha_iters", "tpe_base_first", "tpe_asha_folds_base_first")
+BASE_FIRST = "_base_first"  # suffix: the sweep's first trial is the base configuration (`search.start_points`)
 DEFAULT_STRATEGY = "tpe_asha_folds"
 WITHIN = 0.01  # "reached": a finished trial within this of the table's best CV mean
 COMPUTE = "replay/compute_s"  # CPU-seconds of the table spent since the trial's previous report
@@ -202,17 +205,31 @@ def replay_trainable(config: dict, *, table: Table, time_scale: float, curves: b
         tune.report({**report, ROW: float(index), DISTANCE: distance})
 
 
+def base_params(table: Table) -> dict[str, Any]:
+    """The searched params of the table's base configuration (its row marked `base`).
+
+    Raises:
+        ValueError: the table has no base row.
+    """
+    row = next((row for row in table.rows if row.get("base")), None)
+    if row is None:
+        raise ValueError("the table has no base configuration (a row with \"base\": true) to start from")
+    return dict(row["params"])
+
+
 def replay_spec(table: Table, *, strategy: str, seed: int, trials: int, max_concurrent: int) -> Any:
     """A sweep spec with the table's space, folds and objective, and the strategy's search settings."""
     meta = table.meta
+    asha_folds = strategy.removesuffix(BASE_FIRST) == "tpe_asha_folds"
+    start_points = [base_params(table)] if strategy.endswith(BASE_FIRST) else []
     data = {
         "name": f"replay-{strategy}-{seed}",
         "base_config": "synthetic_demo",
         "space": meta["space"],
         "search": {"algorithm": "random" if strategy == "random" else "tpe", "seed": seed, "num_trials": trials,
-                   "max_concurrent": max_concurrent},
+                   "max_concurrent": max_concurrent, "start_points": start_points},
         "folds": {"k": int(meta["folds"]), "seed": 0},
-        "scheduler": {"type": "asha" if strategy == "tpe_asha_folds" else "fifo", "grace_period": 1,
+        "scheduler": {"type": "asha" if asha_folds else "fifo", "grace_period": 1,
                       "reduction_factor": 2},
         "objective": {"metric": meta.get("objective", CV_MEAN), "mode": "max"},
     }
@@ -249,7 +266,7 @@ def make_scheduler(strategy: str, spec: Any, max_iters: int) -> Any:
         return ASHAScheduler(time_attr=ITERATIONS, metric=RUNNING, mode="max", max_t=spec.folds.k * max_iters,
                              **ITER_RUNGS)
     scheduler = project_scheduler(spec)
-    if strategy == "tpe_asha_folds":  # TuneConfig carries no metric here: the searcher and scheduler have their own
+    if spec.scheduler.type == "asha":  # TuneConfig carries no metric here: the searcher and scheduler have their own
         scheduler.set_search_properties(spec.objective.metric, spec.objective.mode)
     return scheduler
 

@@ -120,9 +120,8 @@ def _max_and_label(cams: Tensor) -> tuple[Tensor, Tensor]:
     if cams.shape[1] == 0:
         zeros = cams.new_zeros((cams.shape[0], *cams.shape[2:]))
         return zeros, zeros.long()
-    max_values = cams.amax(dim=1)
-    labels = cams.argmax(dim=1) + 1  # torch.argmax returns the first maximal index
-    return max_values, labels
+    max_values, indices = cams.max(dim=1)  # the first maximal index, as argmax (and faster on the CPU)
+    return max_values, indices + 1
 
 
 def box_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:

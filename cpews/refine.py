@@ -135,6 +135,16 @@ def _position_term(dilations: tuple[int, ...], w1: float, dtype: torch.dtype, de
     return torch.softmax(logits.to(dtype), dim=0).to(device)
 
 
+def _unbiased_std(x: Tensor, dim: int) -> Tensor:
+    """Unbiased std over `dim`, kept as a size-1 dim, in two passes (mean, then squared deviations).
+
+    Equal to ``x.std(dim, keepdim=True)`` to float rounding; ~7x faster than it over a middle dim on the CPU
+    (a (B, 3, M, h, w) neighbour stack: torch.std reduces it with strided Welford updates).
+    """
+    deviations = x - x.mean(dim=dim, keepdim=True)
+    return deviations.square_().sum(dim=dim, keepdim=True).div_(x.shape[dim] - 1).sqrt_()
+
+
 def par_affinity(
     images: Tensor,
     dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
@@ -156,7 +166,7 @@ def par_affinity(
         dilations = tuple(dilations)
         size = (images.shape[-2], images.shape[-1])
         neighbours = _gather_neighbours(images, _neighbour_index(size, dilations, images.device))  # (B, 3, M, h, w)
-        sigma = neighbours.std(dim=2, keepdim=True)  # unbiased
+        sigma = _unbiased_std(neighbours, dim=2)
         scale = ((sigma + 1e-8) * w1).square_().mul_(images.shape[1])  # (B, 3, 1, h, w); mean over channels
         colour_logits = -((neighbours - images.unsqueeze(2)).square_() / scale).sum(dim=1)  # §4.1 colour term
         position_term = _position_term(dilations, float(w1), images.dtype, images.device)[None, :, None, None]
@@ -242,7 +252,8 @@ def _present_softmax(scores: Tensor, present: Tensor) -> Tensor:
 
 def _argmax_present(scores: Tensor, present: Tensor) -> Tensor:
     """Argmax over channels where an absent class never wins. Shapes: (B, C+1, H, W) -> (B, H, W)."""
-    return scores.masked_fill(~present[:, :, None, None], float("-inf")).argmax(dim=1)
+    # `max(dim).indices` breaks ties like `argmax` (the first maximal index) and is ~6x faster on the CPU here
+    return scores.masked_fill(~present[:, :, None, None], float("-inf")).max(dim=1).indices
 
 
 def refine_pseudo_labels(

@@ -272,3 +272,17 @@ def test_a_complete_table_is_left_as_recorded(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "48 of 48 configurations, all already in" in result.stdout
     assert table.read_bytes() == before
+
+
+def test_base_first_strategies_start_from_the_tables_base_configuration() -> None:
+    table = _table(ROWS)
+    spec = efficiency.replay_spec(table, strategy="tpe_asha_folds_base_first", seed=0, trials=4, max_concurrent=2)
+    assert spec.scheduler.type == "asha" and spec.search.algorithm == "tpe"
+    first = make_searcher(spec).suggest("first")
+    assert first == ROWS[0]["params"]  # the row marked base, proposed before any sampled point
+    plain = efficiency.replay_spec(table, strategy="tpe_base_first", seed=0, trials=4, max_concurrent=2)
+    assert plain.scheduler.type == "fifo" and len(plain.search.start_points) == 1
+    assert efficiency.replay_spec(table, strategy="tpe", seed=0, trials=4, max_concurrent=2).search.start_points == []
+    no_base = _table([{**row, "base": False} for row in ROWS])
+    with pytest.raises(ValueError, match="no base configuration"):
+        efficiency.replay_spec(no_base, strategy="tpe_base_first", seed=0, trials=4, max_concurrent=2)

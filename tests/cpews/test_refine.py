@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from cpews.refine import (
+    _argmax_present,
+    _unbiased_std,
     images_for_par,
     par_affinity,
     par_kernel_offsets,
@@ -161,6 +163,23 @@ def test_refine_pseudo_labels_matches_per_image_loop():
     out = refine_pseudo_labels(cams, labels, par_images, boxes)
     assert out.dtype == torch.int64 and out.shape == (3, 32, 40)
     assert torch.equal(out, _toco_loop_reference(cams, labels, par_images, boxes))
+
+
+def test_unbiased_std_matches_torch_std_and_is_zero_on_constant_neighbours():
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 48, 5, 7)
+    assert torch.allclose(_unbiased_std(x, dim=2), x.std(dim=2, keepdim=True), atol=1e-6, rtol=0)
+    assert _unbiased_std(x, dim=2).shape == (2, 3, 1, 5, 7)
+    flat = torch.full((1, 3, 8, 2, 2), 0.25)
+    assert torch.equal(_unbiased_std(flat, dim=2), torch.zeros(1, 3, 1, 2, 2))  # exactly 0: sigma + 1e-8 guards it
+
+
+def test_argmax_present_ties_go_to_the_first_channel_and_absent_channels_never_win():
+    # 4 channels x 1 x 3 pixels. px0: channels 1 and 2 tie at 0.7 -> 1; px1: absent channel 3 holds the largest
+    # value -> the present maximum, channel 0; px2: every present channel ties -> 0.
+    scores = torch.tensor([[[[0.1, 0.5, 0.2]], [[0.7, 0.2, 0.2]], [[0.7, 0.3, 0.2]], [[0.0, 0.9, 0.9]]]])
+    present = torch.tensor([[True, True, True, False]])
+    assert _argmax_present(scores, present).tolist() == [[[1, 0, 0]]]
 
 
 def test_refine_pseudo_labels_values_no_positive_and_box():

@@ -32,10 +32,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def demo_spec(*overrides: str, name: str = "rep"):
-    """search_spaces/demo.yaml (8 searched keys, 3 folds, ASHA), named `name`."""
+    """search_spaces/demo.yaml (8 searched keys, 3 folds) under ASHA, named `name`."""
     from orchestration.search_space import load_sweep
 
-    return load_sweep("demo", [*overrides, f"name={name}", f"tracking.experiment={name}"], check_paths=False)
+    return load_sweep("demo", ["scheduler.type=asha", *overrides, f"name={name}", f"tracking.experiment={name}"],
+                      check_paths=False)
 
 
 def sample(dist, rng: random.Random):

@@ -131,18 +131,14 @@ def test_demo_sweep_is_the_cpu_setting():
     assert (spec.search.algorithm, spec.search.seed, spec.search.num_trials, spec.search.max_concurrent) == (
         "tpe",
         0,
-        8,
+        6,
         2,
     )
     assert (spec.folds.k, spec.folds.seed, spec.folds.split) == (3, 0, "train_aug")
-    assert (spec.scheduler.type, spec.scheduler.grace_period, spec.scheduler.reduction_factor) == (
-        "asha",
-        1,
-        2.0,
-    )
+    assert spec.scheduler.type == "fifo"  # every trial trains every fold (docs/results.md: ASHA saved nothing here)
     assert (spec.resources.cpu, spec.resources.gpu) == (1.0, 0.0)
     assert (spec.objective.metric, spec.objective.mode) == ("cv/miou_seg_mean", "max")
-    assert spec.time_budget_s == 600 and spec.tracking.experiment == "demo"
+    assert spec.time_budget_s is not None and spec.time_budget_s < 600 and spec.tracking.experiment == "demo"
     assert {
         "proto.num_prototypes",
         "loss.pdl_weight",

@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def smoke_spec(*overrides: str, name: str = "micro"):
-    """The smoke demo sweep, then `overrides` (sweep-file `key=value`, applied after the shrinking)."""
+    """The smoke demo sweep under ASHA (grace 1, factor 2: the scheduler whose stops these tests follow), then
+    `overrides` (sweep-file `key=value`, applied after the shrinking; `scheduler.type=fifo` for none)."""
     from orchestration.search_space import apply_overrides, load_sweep, smoke, validate_sweep
 
     data = smoke(load_sweep("demo", check_paths=False)).to_dict()
-    data = apply_overrides(data, [*overrides, f"name={name}", f"tracking.experiment={name}"])
+    data = apply_overrides(data, ["scheduler.type=asha", *overrides, f"name={name}", f"tracking.experiment={name}"])
     return validate_sweep(data, check_paths=False)
 
 

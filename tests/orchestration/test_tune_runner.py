@@ -115,7 +115,7 @@ def test_scheduler_and_time_budget_record_their_stops(tmp_path) -> None:
     from orchestration.tune_runner import BudgetStopper, make_scheduler, read_stop_reasons
 
     stops = tmp_path / "stops.jsonl"
-    spec = smoke(load_sweep("demo", check_paths=False))  # k = 2, grace 1, factor 2
+    spec = smoke(load_sweep("demo", ["scheduler.type=asha"], check_paths=False))  # k = 2, grace 1, factor 2
     scheduler = make_scheduler(spec, stops)
     scheduler.set_search_properties(spec.objective.metric, spec.objective.mode)
     good, bad = Trial("cv_trial", stub=True), Trial("cv_trial", stub=True)
@@ -150,7 +150,7 @@ def test_asha_stops_on_fold_boundaries_only() -> None:
     from orchestration.trial import CV_MEAN, FOLDS_COMPLETED
     from orchestration.tune_runner import make_scheduler
 
-    spec = smoke(load_sweep("demo", check_paths=False))
+    spec = smoke(load_sweep("demo", ["scheduler.type=asha"], check_paths=False))
     scheduler = make_scheduler(spec)
     scheduler.set_search_properties(spec.objective.metric, spec.objective.mode)
     good, bad = Trial("cv_trial", stub=True), Trial("cv_trial", stub=True)
@@ -179,7 +179,7 @@ def test_scheduler_state_is_kept_and_restored_as_tune_restores_the_scheduler(tmp
     from orchestration.tune_runner import make_scheduler, read_scheduler_state, read_stop_reasons
 
     CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
-    spec = smoke(load_sweep("demo", check_paths=False))
+    spec = smoke(load_sweep("demo", ["scheduler.type=asha"], check_paths=False))
     stops, state_file = tmp_path / "stops.jsonl", tmp_path / "scheduler_state.json"
     pickled = pickle.dumps(make_scheduler(spec, stops, state_file))  # tuner.pkl: written when the sweep starts
     a, b, c, d, e = (Trial("cv_trial", stub=True) for _ in range(5))
