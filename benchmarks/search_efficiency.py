@@ -13,11 +13,12 @@ one in normalised parameter space (uniform keys scaled to [0, 1], log-uniform ke
 0 or 1 apart), whose learning curves and fold scores are reported in order, each report after a sleep of its
 recorded compute times `--time-scale` (so that concurrent trials finish in the order they would have).
 
-Strategies: random (RandomSampler + FIFO), tpe (TPE + FIFO), tpe_asha_folds (TPE + ASHA over folds: the project's
-default), tpe_asha_iters (TPE + ASHA over iterations within folds, rungs at 100, 200, 400, 800 iterations; the
+Strategies: random (RandomSampler + FIFO), tpe (TPE + FIFO), tpe_asha_folds (TPE + ASHA over folds: the demo's
+default before this benchmark), tpe_asha_iters (TPE + ASHA over iterations within folds, rungs at 100, 200, 400, 800 iterations; the
 objective of its rungs is the running CV estimate: finished folds' scores and the current fold's last validation),
 and tpe_base_first / tpe_asha_folds_base_first (tpe / tpe_asha_folds whose first trial is the table's base
-configuration, the sweep's base config with no searched override, through `search.start_points`).
+configuration, the sweep's base config with no searched override, through `search.start_points: [base]`;
+tpe_base_first is search_spaces/demo.yaml's strategy).
 Not here: Tune's BOHB (`HyperBandForBOHB`) works with its own searcher (TuneBOHB, ConfigSpace), not Optuna's; Tune's
 synchronous `HyperBandScheduler` pauses trials at its milestones and resumes them from checkpoints, and a replayed
 fold (a tenth of a second) ends before a pause lands, so its replay would be TPE + FIFO under another name.
@@ -54,7 +55,6 @@ from orchestration.trial import CV_MEAN, FOLD_END, FOLD_INDEX, FOLD_SCORE, FOLDS
 DEFAULT_TABLE = Path("benchmarks/data/demo_space_table.jsonl")
 STRATEGIES = ("random", "tpe", "tpe_asha_folds", "tpe_asha_iters", "tpe_base_first", "tpe_asha_folds_base_first")
 BASE_FIRST = "_base_first"  # suffix: the sweep's first trial is the base configuration (`search.start_points`)
-DEFAULT_STRATEGY = "tpe_asha_folds"
 WITHIN = 0.01  # "reached": a finished trial within this of the table's best CV mean
 COMPUTE = "replay/compute_s"  # CPU-seconds of the table spent since the trial's previous report
 ITERATIONS = "replay/iterations"  # iterations trained by the trial so far, over all its folds
@@ -353,7 +353,7 @@ def _median_finite(values: Sequence[float]) -> float:
     return float(np.median(finite)) if finite else math.nan
 
 
-def figures(table: Table, runs: Mapping[str, list[dict[str, Any]]], *, demo_folds: float = 16) -> dict[str, Any]:
+def figures(table: Table, runs: Mapping[str, list[dict[str, Any]]], *, demo_folds: float = 18) -> dict[str, Any]:
     """The benchmark's figures from every replay of every strategy; `demo_folds`: the folds `make sweep`'s time
     budget affords (600 s x 2 trials at about 75 s a fold), in units of the table's median fold."""
     target = table.best - WITHIN
@@ -392,17 +392,18 @@ def _fmt(value: float) -> str:
 
 
 def report(fig: Mapping[str, Any]) -> str:
+    width = max([16, *(len(name) for name in fig["strategies"])])
     lines = [f"table best CV mean {fig['table_best']:.4f}; target (within {WITHIN}) {fig['target']:.4f}, "
              f"{fig['rows_within']} recorded configurations reach it; random search's median budget "
              f"{fig['random_budget_cpu_s']:,.0f} CPU-s; the demo's budget {fig['demo_budget_cpu_s']:,.0f} CPU-s "
              f"(a fold: {fig['fold_cost_cpu_s']:,.0f} CPU-s)",
-             f"{'strategy':<16} {'seeds':>5} {'CPU-s to target q25/q50/q75':>30} {'never':>5} {'vs random':>9} "
+             f"{'strategy':<{width}} {'seeds':>5} {'CPU-s to target q25/q50/q75':>30} {'never':>5} {'vs random':>9} "
              f"{'best@25%':>8} {'@50%':>6} {'@100%':>6} {'@demo':>6} {'cut best':>8} {'dist med/p90':>12}"]
     for name, e in fig["strategies"].items():
         q = e["compute_to_reach_q25_q50_q75"]
         b = e["best_at_budget"]
         lines.append(
-            f"{name:<16} {e['seeds']:>5} {' / '.join(_fmt(v) for v in q):>30} {e['never_reached']:>5} "
+            f"{name:<{width}} {e['seeds']:>5} {' / '.join(_fmt(v) for v in q):>30} {e['never_reached']:>5} "
             f"{e.get('reach_vs_random', math.nan):>9.2f} {b['25%']:>8.4f} {b['50%']:>6.4f} {b['100%']:>6.4f} "
             f"{e['best_at_demo_budget']:>6.4f} {e.get('best_proposed_stopped', '-')!s:>8} "
             f"{e['distance_median_p90'][0]:>5.2f}/{e['distance_median_p90'][1]:.2f}")
@@ -421,8 +422,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures and replays here")
     parser.add_argument("--measured-compute", action="store_true",
                         help="each fold costs its own recorded CPU-seconds (default: the table's median fold)")
-    parser.add_argument("--demo-folds", type=float, default=16,
-                        help="folds make sweep's budget affords (600 s x 2 trials, about 75 s a fold)")
+    parser.add_argument("--demo-folds", type=float, default=18,
+                        help="folds make sweep trains (6 trials x 3 folds within its 570 s budget)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                         help="replay nothing: the figures of the replays in these --json files (e.g. strategies "
                              "replayed by separate processes)")

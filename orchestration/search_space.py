@@ -227,8 +227,9 @@ class SearchSettings(_FileModel):
     seed: StrictInt = Field(0, description="the sampler's seed")
     num_trials: _Count = Field(10, description="configurations tried")
     max_concurrent: _Count = Field(1, description="trials running at the same time")
-    start_points: list[dict[str, Any]] = Field(
-        [], description="configurations tried first, in order ({searched key: value}; a key left out is sampled)"
+    start_points: list[dict[str, Any] | Literal["base"]] = Field(
+        [], description="configurations tried first, in order ({searched key: value}; a key left out is sampled; "
+        "`base`: the base config's own values of the searched keys)"
     )
 
     def __hash__(self) -> int:  # frozen, but its points are lists of mappings: hashed by their JSON form
@@ -791,7 +792,7 @@ class _Validator:
             source=self.source,
         )
         spec = dataclasses.replace(spec, search=file.search.model_copy(
-            update={"start_points": self.start_points(file.search, space)}))
+            update={"start_points": self.start_points(file.search, space, fixed_cfg)}))
         self.resources(spec, fixed_cfg, available)
         self.consistency(spec, fixed_cfg)
         if check_paths:
@@ -811,17 +812,23 @@ class _Validator:
         canonical = cfg.to_flat_dict()
         return {key: canonical[key] for key in flat}, cfg
 
-    def start_points(self, search: SearchSettings, space: Sequence[Distribution]) -> list[dict[str, Scalar]]:
+    def start_points(self, search: SearchSettings, space: Sequence[Distribution],
+                     fixed_cfg: TrainConfig) -> list[dict[str, Scalar]]:
         """`search.start_points` in flat-config form: searched keys only, each value inside its distribution,
-        no more points than trials."""
+        no more points than trials; `base` becomes the base config's values of the searched keys (`fixed_cfg`:
+        the base config with the fixed settings)."""
         points = search.start_points
         if len(points) > search.num_trials:
             raise self.error(f"search.start_points: {len(points)} points but search.num_trials is "
                              f"{search.num_trials}; the points past the last trial would never run")
         dists = {d.key: d for d in space}
+        base_values = fixed_cfg.to_flat_dict()
         out: list[dict[str, Scalar]] = []
         for index, point in enumerate(points):
             where = f"search.start_points[{index}]"
+            if point == "base":
+                where = f"{where} (base)"
+                point = {key: base_values[key] for key in dists}
             params: dict[str, Scalar] = {}
             for key, value in point.items():
                 if key not in dists:

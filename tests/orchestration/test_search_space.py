@@ -1131,6 +1131,23 @@ def test_start_points_are_kept_in_flat_config_form_and_enqueued_first_in_order()
     assert set(third) == set(spec.searched_keys())
 
 
+def test_base_start_point_is_the_base_configs_values_of_the_searched_keys() -> None:
+    from cpews.config import load_config
+
+    spec = validate_sweep(_with_points(["base", {"proto.num_prototypes": 5}]), check_paths=False)
+    preset = load_config("synthetic_demo")
+    assert spec.search.start_points == [
+        {"loss.ism_weight": preset.loss.ism_weight, "proto.num_prototypes": preset.proto.num_prototypes},
+        {"proto.num_prototypes": 5},
+    ]
+    assert validate_sweep(yaml.safe_load(spec.to_yaml()), check_paths=False) == spec  # survives sweep.yaml
+    data = _with_points(["base"])
+    data["space"]["loss.ism_weight"] = {"uniform": [0.3, 0.5]}  # the preset's 0.2 lies outside: refused, with the key
+    with pytest.raises(SweepFileError, match=r"search\.start_points\[0\] \(base\)\.loss\.ism_weight: 0\.2 lies "
+                                             r"outside its distribution"):
+        validate_sweep(data, check_paths=False)
+
+
 @pytest.mark.parametrize(
     ("points", "num_trials", "message"),
     [
