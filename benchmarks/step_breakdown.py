@@ -1,12 +1,17 @@
 """Time each part of one CPEWS training step against a plain timm ViT classification step.
 
 Usage: python benchmarks/step_breakdown.py [--config synthetic_demo] [--set k=v ...] [--repeats 30]
+       [--torch-reductions]
 
 Prints the median time of: multi-scale CAM (no grad), gradient forward, PAR + pseudo label, losses,
 backward + optimizer step, the whole CPEWS step, and a plain classification step of the same backbone and batch
 (forward, multilabel soft-margin loss, backward, AdamW step), with the ratio of the two. The parts are timed in
 interleaved rounds (each round runs every part once), so that a change in the machine's load while it runs
 shifts all of them alike.
+
+--torch-reductions also times the whole step with PAR's std and the label argmax done by `torch.std` and
+`argmax` over the middle dimension (what the project did before its two-pass std and `max(dim).indices`), in
+the same interleaved rounds, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -40,12 +45,34 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def with_torch_reductions(step: Callable[[], object]) -> Callable[[], object]:
+    """`step` run with PAR's std and the label argmax as `torch.std` / `argmax` over the middle dimension."""
+    import cpews.cam as cam
+    import cpews.refine as refine
+
+    ours = (refine._unbiased_std, refine._argmax_present, cam._max_and_label)
+    theirs = (lambda x, dim: x.std(dim=dim, keepdim=True),
+              lambda scores, present: scores.masked_fill(~present[:, :, None, None], float("-inf")).argmax(dim=1),
+              lambda cams: (cams.amax(dim=1), cams.argmax(dim=1) + 1))
+
+    def run() -> object:
+        refine._unbiased_std, refine._argmax_present, cam._max_and_label = theirs
+        try:
+            return step()
+        finally:
+            refine._unbiased_std, refine._argmax_present, cam._max_and_label = ours
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="synthetic_demo")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--torch-reductions", action="store_true",
+                        help="also time the step with torch.std / argmax in PAR and the CAM labels")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
@@ -109,8 +136,11 @@ def main() -> None:
         plain_opt.step()
 
     r = args.repeats
-    t = interleaved_medians({"cam": cams, "forward": forward, "par": par, "losses": losses,
-                             "backward_step": backward_step, "full": full_step, "plain": plain_step}, r)
+    parts = {"cam": cams, "forward": forward, "par": par, "losses": losses,
+             "backward_step": backward_step, "full": full_step, "plain": plain_step}
+    if args.torch_reductions:
+        parts["full_torch_reductions"] = with_torch_reductions(full_step)
+    t = interleaved_medians(parts, r)
     t_cam, t_fwd, t_par, t_fwd_loss, t_full, t_plain = (t[k] for k in ("cam", "forward", "par", "losses", "full", "plain"))
     t_bwd = t["backward_step"] - t_fwd_loss
     print(f"config={args.config} batch={b} crop={s} threads={torch.get_num_threads()} repeats={r} (medians)")
@@ -126,6 +156,9 @@ def main() -> None:
     for name, value in rows:
         print(f"  {name:<34} {value * 1000:8.2f} ms")
     print(f"  ratio CPEWS step / plain step      {t_full / t_plain:8.2f}x")
+    if args.torch_reductions:
+        t_old = t["full_torch_reductions"]
+        print(f"  whole step, torch.std + argmax     {t_old * 1000:8.2f} ms ({t_old / t_full:.2f}x the step above)")
 
 
 if __name__ == "__main__":

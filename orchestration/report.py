@@ -527,7 +527,7 @@ def plot_history(history: History, spec: SweepSpec, path: Path) -> Path:
     ax.set_title(f"Optimisation history ({len(history.trials)} trials)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")  # placed where it hides the fewest points
     return _save(figure, path)
 
 

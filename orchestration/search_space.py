@@ -229,7 +229,7 @@ class SearchSettings(_FileModel):
     max_concurrent: _Count = Field(1, description="trials running at the same time")
     start_points: list[dict[str, Any] | Literal["base"]] = Field(
         [], description="configurations tried first, in order ({searched key: value}; a key left out is sampled; "
-        "`base`: the base config's own values of the searched keys)"
+        "`base`: the base config's own values of the searched keys, those outside their range left out)"
     )
 
     def __hash__(self) -> int:  # frozen, but its points are lists of mappings: hashed by their JSON form
@@ -437,6 +437,21 @@ class SweepSpec:
     def base_train_config(self) -> TrainConfig:
         """The base config with the fixed overrides: what every trial starts from."""
         return TrainConfig.from_flat_dict(self.fixed, base=self.base, source=f"sweep {self.name!r} fixed")
+
+    def start_point_params(self) -> list[dict[str, Scalar]]:
+        """`search.start_points` as `{searched key: value}` points, in order: `base` becomes the base config's
+        values of the searched keys, a key whose base value lies outside its distribution left out (sampled)."""
+        return [self._base_point() if point == "base" else dict(point) for point in self.search.start_points]
+
+    def _base_point(self) -> dict[str, Scalar]:
+        """The base config's values of the searched keys, in file order, those outside their distribution (or
+        whose `when` condition the point does not meet) left out."""
+        base = self.base_train_config().to_flat_dict()
+        point: dict[str, Scalar] = {}
+        for dist in self.space:  # file order: a condition names keys listed before it
+            if dist.contains(base[dist.key]) and dist.is_active(point):
+                point[dist.key] = base[dist.key]
+        return point
 
     def trial_config(self, params: Mapping[str, Any]) -> TrainConfig:
         """Base + fixed + the sampled `params` (`{config key: value}` as `sample_params` returns them).
@@ -792,7 +807,7 @@ class _Validator:
             source=self.source,
         )
         spec = dataclasses.replace(spec, search=file.search.model_copy(
-            update={"start_points": self.start_points(file.search, space, fixed_cfg)}))
+            update={"start_points": self.start_points(file.search, space)}))
         self.resources(spec, fixed_cfg, available)
         self.consistency(spec, fixed_cfg)
         if check_paths:
@@ -812,23 +827,20 @@ class _Validator:
         canonical = cfg.to_flat_dict()
         return {key: canonical[key] for key in flat}, cfg
 
-    def start_points(self, search: SearchSettings, space: Sequence[Distribution],
-                     fixed_cfg: TrainConfig) -> list[dict[str, Scalar]]:
+    def start_points(self, search: SearchSettings, space: Sequence[Distribution]) -> list[dict[str, Scalar] | str]:
         """`search.start_points` in flat-config form: searched keys only, each value inside its distribution,
-        no more points than trials; `base` becomes the base config's values of the searched keys (`fixed_cfg`:
-        the base config with the fixed settings)."""
+        no more points than trials; `base` stays `base` (`SweepSpec.start_point_params` resolves it)."""
         points = search.start_points
         if len(points) > search.num_trials:
             raise self.error(f"search.start_points: {len(points)} points but search.num_trials is "
                              f"{search.num_trials}; the points past the last trial would never run")
         dists = {d.key: d for d in space}
-        base_values = fixed_cfg.to_flat_dict()
-        out: list[dict[str, Scalar]] = []
+        out: list[dict[str, Scalar] | str] = []
         for index, point in enumerate(points):
             where = f"search.start_points[{index}]"
-            if point == "base":
-                where = f"{where} (base)"
-                point = {key: base_values[key] for key in dists}
+            if point == "base":  # kept as written: resolved against the space it runs with (`start_point_params`)
+                out.append(point)
+                continue
             params: dict[str, Scalar] = {}
             for key, value in point.items():
                 if key not in dists:

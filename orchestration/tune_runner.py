@@ -380,7 +380,7 @@ def make_searcher(spec: SweepSpec, warm_start: WarmStart | None = None) -> Pruni
         mode=spec.objective.mode,
         sampler=sampler,
         num_folds=spec.folds.k,
-        points_to_evaluate=[dict(point) for point in spec.search.start_points] or None,  # enqueued, in order
+        points_to_evaluate=spec.start_point_params() or None,  # enqueued, in order
         seed_trials=optuna_trials(spec, warm_start) if warm_start is not None else (),
     )
 

@@ -1133,19 +1133,30 @@ def test_start_points_are_kept_in_flat_config_form_and_enqueued_first_in_order()
 
 def test_base_start_point_is_the_base_configs_values_of_the_searched_keys() -> None:
     from cpews.config import load_config
+    from orchestration.tune_runner import make_searcher
 
     spec = validate_sweep(_with_points(["base", {"proto.num_prototypes": 5}]), check_paths=False)
     preset = load_config("synthetic_demo")
-    assert spec.search.start_points == [
+    assert spec.search.start_points == ["base", {"proto.num_prototypes": 5}]  # `base` kept as written
+    assert spec.start_point_params() == [
         {"loss.ism_weight": preset.loss.ism_weight, "proto.num_prototypes": preset.proto.num_prototypes},
         {"proto.num_prototypes": 5},
     ]
     assert validate_sweep(yaml.safe_load(spec.to_yaml()), check_paths=False) == spec  # survives sweep.yaml
+    searcher = make_searcher(spec)
+    searcher.set_search_properties(spec.objective.metric, spec.objective.mode, {})
+    assert searcher.suggest("t0") == spec.start_point_params()[0]  # the first trial is the base configuration
+    # resolved against the space it runs with: a base value outside its range (the preset's ism_weight 0.2) is
+    # left out and sampled, as a key a point leaves out
     data = _with_points(["base"])
-    data["space"]["loss.ism_weight"] = {"uniform": [0.3, 0.5]}  # the preset's 0.2 lies outside: refused, with the key
-    with pytest.raises(SweepFileError, match=r"search\.start_points\[0\] \(base\)\.loss\.ism_weight: 0\.2 lies "
-                                             r"outside its distribution"):
-        validate_sweep(data, check_paths=False)
+    data["space"]["loss.ism_weight"] = {"uniform": [0.3, 0.5]}
+    narrowed = validate_sweep(data, check_paths=False)
+    assert narrowed.start_point_params() == [{"proto.num_prototypes": preset.proto.num_prototypes}]
+    # a conditional key whose condition the base point does not meet is left out too
+    data = _with_points(["base"])
+    data["space"]["loss.ism_weight"] = {"uniform": [0.1, 0.5], "when": {"proto.num_prototypes": 5}}
+    assert validate_sweep(data, check_paths=False).start_point_params() == [
+        {"proto.num_prototypes": preset.proto.num_prototypes}]
 
 
 @pytest.mark.parametrize(
