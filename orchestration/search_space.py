@@ -441,9 +441,9 @@ class SweepSpec:
     def start_point_params(self) -> list[dict[str, Scalar]]:
         """`search.start_points` as `{searched key: value}` points, in order: `base` becomes the base config's
         values of the searched keys, a key whose base value lies outside its distribution left out (sampled)."""
-        return [self._base_point() if point == "base" else dict(point) for point in self.search.start_points]
+        return [self.base_point() if point == "base" else dict(point) for point in self.search.start_points]
 
-    def _base_point(self) -> dict[str, Scalar]:
+    def base_point(self) -> dict[str, Scalar]:
         """The base config's values of the searched keys, in file order, those outside their distribution (or
         whose `when` condition the point does not meet) left out."""
         base = self.base_train_config().to_flat_dict()

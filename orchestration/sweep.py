@@ -1059,10 +1059,27 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]], spec: SweepSpec, *, so
         lines.append("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(r)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    base = _base_configuration_line(rows, spec)
+    if base:
+        lines.append(base)
     footer = _baseline_footer(rows)
     if footer:
         lines.append(footer)
     return "\n".join(lines)
+
+
+def _base_configuration_line(rows: Sequence[Mapping[str, Any]], spec: SweepSpec) -> str | None:
+    """Which trial ran the base configuration (every searched key at the base config's value, as
+    `search.start_points: [base]` enqueues it) and its rank: what the search gained over it. None when no trial
+    did, or when the base config is not a point of the space (a base value outside its range)."""
+    base = spec.base_point()
+    if set(base) != set(spec.searched_keys()):
+        return None
+    for row in rows:
+        if all(row["params"].get(key) == value for key, value in base.items()):
+            return (f"base configuration (every searched key at the base config's value): trial {row['trial']}, "
+                    f"rank {row['rank']}")
+    return None
 
 
 def _baseline_footer(rows: Sequence[Mapping[str, Any]]) -> str | None:

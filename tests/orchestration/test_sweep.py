@@ -228,6 +228,18 @@ def test_text_leaderboard_shows_the_all_background_miou_per_trial_and_in_its_foo
                          "1 of 2 completed trials beat it")
 
 
+def test_text_leaderboard_names_the_trial_that_ran_the_base_configuration() -> None:
+    from orchestration.sweep import format_leaderboard
+
+    spec = smoke_spec()
+    rows = _board_rows()
+    assert "base configuration" not in format_leaderboard(rows, spec)  # no trial ran it
+    rows[1] = {**rows[1], "params": spec.base_point()}
+    lines = format_leaderboard(rows, spec).splitlines()
+    assert lines[-2] == "base configuration (every searched key at the base config's value): trial b, rank 2"
+    assert lines[-1].startswith("all-background mIoU of the same images: ")
+
+
 def test_text_leaderboard_without_a_completed_trial_states_the_range() -> None:
     from orchestration.sweep import format_leaderboard
 
