@@ -47,10 +47,9 @@ def sample_points(space_file: str | Path, *, configs: int, seed: int) -> list[di
     import optuna
 
     spec = load_sweep(space_file)
-    base = spec.base_train_config().to_flat_dict()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
-    study.enqueue_trial({key: base[key] for key in spec.searched_keys()})
+    study.enqueue_trial(spec.base_point())
     return [sample_params(spec, study.ask()) for _ in range(configs)]
 
 
