@@ -7,8 +7,10 @@ iteration (`iter_XXXXXXX.pt`, written when `train.checkpoint_every` divides it),
 with the features of the model that built them. On the run's validation images the final tokens (multi-scale +
 flip view averages, as the pool build takes them) are grouped by the ground truth of their patch: "boat" (at
 least half boat), "water" (at least half visible water, no boat), "other". For each positive and negative
-prototype of the confounded class it prints the RMS distance (PDL's δ) to each group's mean feature and the
-groups of its nearest tokens: a positive prototype whose neighbours are water describes water, not boat.
+prototype of the confounded class (and each superclass-filtered negative, the ones SSL compares against) it prints
+the RMS distance (PDL's δ) to each group's mean feature and the groups of its nearest tokens: a positive prototype
+whose neighbours are water describes water, not boat. Last, the share of each group's tokens that lie nearer an
+SSL negative than every positive (§7.3's d+ > d-): the tokens SSL pushes down wherever the boat CAM is active.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def main() -> int:
     pool = load_pool(pool_path).tensors
     positives = pool["pos"][channel][: int(pool["pos_n"][channel])]
     negatives = pool["neg"][channel][: int(pool["neg_n"][channel])]
+    ssl_negatives = pool["neg_ss"][channel][: int(pool["neg_ss_n"][channel])]  # superclass-filtered: what SSL uses
     root = resolve_data_root(cfg)
     dataset = eval_dataset(cfg, root)
     features, groups = [], []
@@ -88,7 +91,10 @@ def main() -> int:
     means = torch.stack([feats[group == g].mean(0) for g in range(len(GROUPS))])
     report: dict = {"pool": str(pool_path), "iteration": iteration, "tokens": {g: int((group == i).sum())
                                                                               for i, g in enumerate(GROUPS)}}
-    for kind, protos in (("positive", positives), ("negative", negatives)):
+    for kind, protos in (("positive", positives), ("negative", negatives), ("ssl_negative", ssl_negatives)):
+        if not protos.shape[0]:
+            report[kind] = {"count": 0}
+            continue
         to_means = rms(protos, means)  # (K, 3)
         nearest = rms(protos, feats).topk(args.neighbours, largest=False).indices  # (K, n)
         majority = [Counter(group[row].tolist()).most_common(1)[0][0] for row in nearest]
@@ -100,16 +106,26 @@ def main() -> int:
             "neighbour_majority": dict(Counter(GROUPS[m] for m in majority)),
             "neighbour_share": {g: round(float(shares[i]), 3) for i, g in enumerate(GROUPS)},
         }
+    if positives.shape[0] and ssl_negatives.shape[0]:  # §7.3: d+ > d- marks a token SSL suppresses where active
+        nearer_negative = rms(feats, ssl_negatives).amin(1) < rms(feats, positives).amin(1)
+        report["ssl_marked_share"] = {g: round(float(nearer_negative[group == i].float().mean()), 3)
+                                      for i, g in enumerate(GROUPS)}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(f"pool {pool_path} (iteration {iteration}); validation tokens: {report['tokens']}")
-    for kind in ("positive", "negative"):
+    for kind in ("positive", "negative", "ssl_negative"):
         r = report[kind]
-        print(f"boat {kind} prototypes ({r['count']}): RMS distance to the mean token of "
+        if not r["count"]:
+            print(f"boat {kind.replace('_', ' ')} prototypes: none")
+            continue
+        print(f"boat {kind.replace('_', ' ')} prototypes ({r['count']}): RMS distance to the mean token of "
               + ", ".join(f"{g} {v:.3f}" for g, v in r["rms_to_group_mean"].items())
               + f"; closest mean: {r['closest_group_mean']}; their {args.neighbours} nearest tokens: "
               + ", ".join(f"{g} {v:.0%}" for g, v in r["neighbour_share"].items()))
+    if "ssl_marked_share" in report:
+        print("tokens nearer an SSL negative than every positive (SSL pushes their boat CAM down where it is "
+              "active): " + ", ".join(f"{g} {v:.0%}" for g, v in report["ssl_marked_share"].items()))
     return 0
 
 
