@@ -37,11 +37,8 @@ COLUMNS = (  # (metric of the fold's validation, column title)
 )
 
 
-def fold_config(sweep: str, params: dict[str, Any], overrides: list[str]) -> Any:
-    """The TrainConfig a trial with `params` trains, with `overrides` (`key=value`) applied after it."""
-    from orchestration.search_space import load_sweep
-
-    spec = load_sweep(sweep, check_paths=False)
+def fold_config(spec: Any, params: dict[str, Any], overrides: list[str]) -> Any:
+    """The TrainConfig a trial of the sweep `spec` with `params` trains, with `overrides` (`key=value`) after it."""
     return spec.trial_config(params if params else spec.base_point()).with_overrides(overrides)
 
 
@@ -52,16 +49,15 @@ def train_one_fold(sweep: str, params: dict[str, Any], overrides: list[str], fol
     from cpews.training.data import class_names, resolve_data_root
     from orchestration.kfold import fold_splits, split_folds
     from orchestration.search_space import load_sweep
+    from orchestration.trial import train_fold
 
     torch.set_num_threads(1)
     spec = load_sweep(sweep, check_paths=False)
-    cfg = fold_config(sweep, params, overrides)
+    cfg = fold_config(spec, params, overrides)
     root = resolve_data_root(cfg)
     split = spec.folds.split or cfg.data.train_split
     folds = split_folds(root, cfg.data.dataset, split, spec.folds.k, spec.folds.seed).folds
     train_ids, val_ids = fold_splits(folds, fold)
-    from orchestration.trial import train_fold
-
     started = time.perf_counter()
     result, _ = train_fold(cfg, lambda metrics, checkpoint_dir=None: None, class_names=class_names(cfg),
                            progress=lambda text: None, out_dir=Path(out) / f"fold_{fold}", train_ids=train_ids,
@@ -90,7 +86,7 @@ def main() -> None:
     from orchestration.search_space import load_sweep
 
     spec = load_sweep(args.sweep, check_paths=False)
-    cfg = fold_config(args.sweep, params, args.overrides)  # bad keys or values fail here, before any training
+    cfg = fold_config(spec, params, args.overrides)  # bad keys or values fail here, before any training
     resolve_data_root(cfg)  # the data and the backbone made once, not by each fold's process
     if cfg.model.weights == SYNTHETIC_WEIGHTS:
         ensure_pretrained(cfg, progress=print)

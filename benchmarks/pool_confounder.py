@@ -91,12 +91,14 @@ def main() -> int:
     means = torch.stack([feats[group == g].mean(0) for g in range(len(GROUPS))])
     report: dict = {"pool": str(pool_path), "iteration": iteration, "tokens": {g: int((group == i).sum())
                                                                               for i, g in enumerate(GROUPS)}}
+    to_tokens: dict[str, torch.Tensor] = {}  # each kind's RMS distances to every validation token
     for kind, protos in (("positive", positives), ("negative", negatives), ("ssl_negative", ssl_negatives)):
         if not protos.shape[0]:
             report[kind] = {"count": 0}
             continue
         to_means = rms(protos, means)  # (K, 3)
-        nearest = rms(protos, feats).topk(args.neighbours, largest=False).indices  # (K, n)
+        to_tokens[kind] = rms(protos, feats)  # (K, N)
+        nearest = to_tokens[kind].topk(args.neighbours, largest=False).indices  # (K, n)
         majority = [Counter(group[row].tolist()).most_common(1)[0][0] for row in nearest]
         shares = (group[nearest].reshape(-1)[:, None] == torch.arange(len(GROUPS))).float().mean(0)
         report[kind] = {
@@ -106,8 +108,8 @@ def main() -> int:
             "neighbour_majority": dict(Counter(GROUPS[m] for m in majority)),
             "neighbour_share": {g: round(float(shares[i]), 3) for i, g in enumerate(GROUPS)},
         }
-    if positives.shape[0] and ssl_negatives.shape[0]:  # §7.3: d+ > d- marks a token SSL suppresses where active
-        nearer_negative = rms(feats, ssl_negatives).amin(1) < rms(feats, positives).amin(1)
+    if "positive" in to_tokens and "ssl_negative" in to_tokens:  # §7.3: d+ > d- marks a token SSL suppresses
+        nearer_negative = to_tokens["ssl_negative"].amin(0) < to_tokens["positive"].amin(0)
         report["ssl_marked_share"] = {g: round(float(nearer_negative[group == i].float().mean()), 3)
                                       for i, g in enumerate(GROUPS)}
     if args.json:

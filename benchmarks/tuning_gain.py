@@ -78,7 +78,7 @@ def main() -> int:
     chosen = select_best(rows, spec.folds.k, mode=spec.objective.mode)
     configs = {"best": spec.trial_config(chosen.row["params"]), "base": spec.base_train_config()}
     print(f"sweep {name}: best trial {chosen.row['trial']} ({chosen.reason}); params {chosen.row['params']}")
-    if configs["best"].to_flat_dict() == configs["base"].to_flat_dict():  # e.g. `search.start_points: [base]` won
+    if configs["best"] == configs["base"]:  # e.g. `search.start_points: [base]` won
         print(f"sweep {name}: its pick is the base configuration itself (every searched key at the base config's "
               "value): the search gained nothing over it on this sweep, and there is nothing to compare")
         return 0

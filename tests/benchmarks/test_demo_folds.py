@@ -12,7 +12,7 @@ from cpews.config import ConfigError
 from orchestration.search_space import load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = str(ROOT / "search_spaces" / "demo.yaml")
+DEMO = load_sweep(ROOT / "search_spaces" / "demo.yaml", check_paths=False)
 
 
 def _load():
@@ -27,8 +27,7 @@ demo_folds = _load()
 
 
 def test_without_params_a_fold_trains_the_base_point_as_the_sweeps_first_trial():
-    spec = load_sweep(DEMO, check_paths=False)
-    assert demo_folds.fold_config(DEMO, {}, []) == spec.trial_config(spec.base_point())
+    assert demo_folds.fold_config(DEMO, {}, []) == DEMO.trial_config(DEMO.base_point())
 
 
 def test_params_and_overrides_apply_in_that_order():
